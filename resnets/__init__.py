@@ -1,0 +1,5 @@
+"""resnets: deep residual networks (He, Zhang, Ren, Sun 2015) to build, train, study and ship."""
+from .models import create_model, fold_batchnorm, from_torchvision, list_models, model_info
+
+__version__ = "0.1.0"
+__all__ = ["create_model", "list_models", "model_info", "from_torchvision", "fold_batchnorm", "__version__"]
