@@ -1,0 +1,18 @@
+"""CIFAR data: loading with verified sources (:mod:`resnets.data.cifar`) and the paper's augmentation as batched
+tensor ops on the training device (:mod:`resnets.data.augment`). Depends only on torch, numpy, Pillow and the
+standard library."""
+
+from .augment import DeviceLoader, Normalizer, crop_flip, pad_crop_flip
+from .cifar import CifarData, CorruptDataError, DataNotFoundError, default_cache_dir, load_cifar
+
+__all__ = [
+    "CifarData",
+    "load_cifar",
+    "DataNotFoundError",
+    "CorruptDataError",
+    "default_cache_dir",
+    "pad_crop_flip",
+    "crop_flip",
+    "Normalizer",
+    "DeviceLoader",
+]
