@@ -1,6 +1,8 @@
 """The ``resnets`` command line. Each subcommand parses its arguments, builds a config and calls one function.
 
     resnets models                     the model zoo with params, multiply-adds and the paper's errors
+    resnets train --model resnet56 --recipe cifar-paper [--data DIR] [--steps N] [--out runs/NAME]
+    resnets evaluate --checkpoint PATH [--data DIR]
 """
 from __future__ import annotations
 
@@ -34,6 +36,119 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv_ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--shortcut", choices=["A", "B", "C"], help="shortcut option (Sec. 3.3)")
+    g.add_argument("--stride-in", choices=["1x1", "3x3"], help="bottleneck stride: 1x1 (paper, v1) or 3x3 (v1.5)")
+    g.add_argument("--depth", type=int, help="any 6n+2 depth for the CIFAR nets")
+    g.add_argument("--zero-init-residual", action="store_true", default=None, help="start each block as identity")
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    kw = {"shortcut": args.shortcut, "stride_in": args.stride_in, "depth": args.depth,
+          "zero_init_residual": args.zero_init_residual}
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="resnet20", help="a name from `resnets models` (default resnet20)")
+    add_model_args(p)
+    p.add_argument("--recipe", default="cifar-paper", help="named recipe (default cifar-paper, Sec. 4.2)")
+    p.add_argument("--data", help="directory with the data set (else RESNETS_DATA, the cache, or a download)")
+    p.add_argument("--dataset", choices=["cifar10", "cifar100"])
+    p.add_argument("--out", help="run directory (default runs/MODEL)")
+    o = p.add_argument_group("recipe overrides")
+    o.add_argument("--steps", type=int, help="iterations (the recipe's milestones are scaled to match)")
+    o.add_argument("--epochs", type=float, help="epochs instead of --steps")
+    o.add_argument("--batch-size", type=int)
+    o.add_argument("--lr", type=float)
+    o.add_argument("--milestones", type=_csv_ints, help="steps where lr is divided by 10, e.g. 32000,48000")
+    o.add_argument("--momentum", type=float)
+    o.add_argument("--weight-decay", type=float)
+    o.add_argument("--warmup-lr", type=float, help="warm-up lr (default: 0.01 for depth >= 110, as Sec. 4.2)")
+    o.add_argument("--no-warmup", action="store_true", help="no warm-up, whatever the depth")
+    o.add_argument("--val-split", type=int, help="hold out N training images for validation (5000: the paper's)")
+    o.add_argument("--normalize", choices=["pixel-mean", "channel"])
+    o.add_argument("--no-augment", action="store_true", help="no pad-crop-flip")
+    o.add_argument("--seed", type=int)
+    r = p.add_argument_group("evaluation, logs, checkpoints")
+    r.add_argument("--eval-every", type=int)
+    r.add_argument("--eval-subset", type=int, help="evaluate on the first N test images")
+    r.add_argument("--log-every", type=int)
+    r.add_argument("--checkpoint-every", type=int)
+    r.add_argument("--keep-last", type=int)
+    r.add_argument("--resume", help="checkpoint directory, or 'auto' for the newest in --out")
+    r.add_argument("--log-format", choices=["jsonl", "csv"])
+    r.add_argument("--tensorboard", action="store_true", default=None)
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--on-nan", choices=["stop", "skip"])
+    d = p.add_argument_group("runtime")
+    d.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    d.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    d.add_argument("--no-channels-last", action="store_true")
+    d.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    d.add_argument("--no-cuda-graph", action="store_true", help="never capture the step in a CUDA graph")
+    d.add_argument("--threads", type=int, help="CPU threads for torch")
+
+
+def train_config(args: argparse.Namespace):
+    from .config import recipe
+
+    overrides = {
+        "model": args.model, "model_kwargs": model_kwargs(args), "data": args.data, "dataset": args.dataset,
+        "steps": args.steps, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "milestones": args.milestones, "momentum": args.momentum, "weight_decay": args.weight_decay,
+        "warmup_lr": args.warmup_lr, "val_split": args.val_split, "normalize": args.normalize, "seed": args.seed,
+        "eval_every": args.eval_every, "eval_subset": args.eval_subset, "log_every": args.log_every,
+        "checkpoint_every": args.checkpoint_every, "keep_last": args.keep_last, "resume": args.resume,
+        "log_format": args.log_format, "tensorboard": args.tensorboard, "on_nan": args.on_nan,
+        "device": args.device, "precision": args.precision, "compile": args.compile, "threads": args.threads,
+        "out": args.out or f"runs/{args.model}",
+    }
+    cfg = recipe(args.recipe, **overrides)
+    changes = {}
+    if args.no_warmup:
+        changes["warmup_lr"] = None
+    if args.no_augment:
+        changes["augment"] = False
+    if args.no_progress:
+        changes["progress"] = False
+    if args.no_channels_last:
+        changes["channels_last"] = False
+    if args.no_cuda_graph:
+        changes["cuda_graph"] = False
+    import dataclasses
+    return dataclasses.replace(cfg, **changes)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = train_config(args)
+    res = train(cfg)
+    f = res.final
+    print(f"{cfg.model}: {res.step} steps in {res.seconds:.0f} s; {f.get('split', 'test')} error {f['error']:.2f}% "
+          f"(top-5 {f['top5_error']:.2f}%), last training error {res.train_error:.2f}%; run in {res.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .train.evaluate import evaluate_checkpoint
+
+    r = evaluate_checkpoint(args.checkpoint, args.data, device=args.device, subset=args.subset,
+                            progress=not args.no_progress)
+    print(f"{r['model']} (step {r['step']}) on {r['n']} test images: top-1 error {r['error']:.2f}%, "
+          f"top-5 error {r['top5_error']:.2f}%, loss {r['loss']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resnets", description="Deep residual networks (He et al. 2015).")
     p.add_argument("--version", action="version", version=f"resnets {__import__('resnets').__version__}")
@@ -42,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the networks with params, multiply-adds and the paper's errors")
     m.add_argument("--family", choices=["imagenet", "cifar", "cifar-resnext"], help="only this family")
     m.set_defaults(func=cmd_models)
+
+    t = sub.add_parser("train", help="train a network with a recipe of the paper")
+    add_train_args(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="top-1/top-5 test error of a checkpoint")
+    e.add_argument("--checkpoint", required=True, help="checkpoint directory or model.safetensors")
+    e.add_argument("--data", help="directory with the data set")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--subset", type=int, help="only the first N test images")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
     return p
 
 
@@ -52,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"resnets {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        # Our own errors (missing or corrupt data, bad checkpoints, a NaN loss) carry their explanation.
+        from .data import CorruptDataError, DataNotFoundError
+        from .train import CheckpointError, NonFiniteLossError
+        if isinstance(e, (CorruptDataError, DataNotFoundError, CheckpointError, NonFiniteLossError)):
+            print(f"resnets {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        raise
     except BrokenPipeError:  # e.g. `resnets models | head`
         return 0
     except KeyboardInterrupt:

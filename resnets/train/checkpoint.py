@@ -1,0 +1,222 @@
+"""Checkpoints that survive crashes: the one writer and reader of run state.
+
+A checkpoint is a directory, written under a temporary name and renamed into place, so a crash (even SIGKILL)
+leaves either the old checkpoint or the new one, never half of one:
+
+    step-00032000/
+        model.safetensors   weights, plus metadata: model name and kwargs, classes, preprocessing, config, version
+        state.pt            optimizer, step, warm-up state, RNG states (loaded with weights_only=True)
+
+``load_checkpoint`` also reads a bare ``.safetensors`` file and ``.pt``/``.pth`` state_dicts, the latter only
+through ``torch.load(weights_only=True)``: a pickle that would import code is refused, not run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT = "resnets-checkpoint/1"
+WEIGHTS = "model.safetensors"
+STATE = "state.pt"
+PREPROCESS_PREFIX = "preprocess."
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    weights: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    preprocess: dict[str, Any] = field(default_factory=dict)   # {"mode": ..., "mean": tensor, "std": tensor|None}
+    state: dict[str, Any] | None = None
+
+    @property
+    def model_name(self) -> str | None:
+        return self.meta.get("model")
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        return self.meta.get("model_kwargs", {})
+
+    @property
+    def classes(self) -> list[str] | None:
+        return self.meta.get("classes")
+
+    @property
+    def step(self) -> int | None:
+        return self.meta.get("step")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    model = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+    model = getattr(model, "module", model)      # DistributedDataParallel too
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, meta: dict[str, Any] | None = None,
+                    preprocess: dict[str, Any] | None = None, state: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint directory atomically; an existing one at ``path`` is replaced only once the new one is
+    complete. Raises CheckpointError (and leaves what was there) when the disk is full or not writable."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tensors = model_weights(model)
+    str_meta = {"format": FORMAT}
+    for k, v in (meta or {}).items():
+        str_meta[k] = json.dumps(v)
+    if preprocess:
+        str_meta["preprocess_mode"] = json.dumps(preprocess.get("mode"))
+        for k, v in preprocess.items():
+            if isinstance(v, torch.Tensor):
+                tensors[PREPROCESS_PREFIX + k] = v.detach().to("cpu").contiguous()
+    try:
+        tmp.mkdir()
+        save_file(tensors, tmp / WEIGHTS, metadata=str_meta)
+        _fsync_file(tmp / WEIGHTS)
+        if state is not None:
+            torch.save(state, tmp / STATE)
+            _fsync_file(tmp / STATE)
+        _fsync_dir(tmp)
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}; "
+                              "the previous checkpoint is untouched") from e
+    return final
+
+
+def _load_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        from safetensors import safe_open
+        with safe_open(str(file), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+        return load_file(str(file)), raw_meta
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+
+
+def _load_pt(file: Path) -> dict[str, Any]:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{file}: refused to load: it holds Python objects other than tensors and plain data, "
+                              f"which could run code when unpickled. Only weights-only checkpoints are loaded. ({e})".split("\n")[0]) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True) -> Checkpoint:
+    """Read a checkpoint directory, a ``model.safetensors`` file, or a ``.pt``/``.pth`` state_dict."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint")
+    if p.is_dir():
+        wfile = p / WEIGHTS
+        if not wfile.exists():
+            raise CheckpointError(f"{p}: not a checkpoint directory (no {WEIGHTS})")
+    else:
+        wfile = p
+    if wfile.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        obj = _load_pt(wfile)
+        sd = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else obj
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{wfile}: expected a state_dict of tensors")
+        return Checkpoint(wfile, dict(sd), {}, {}, None)
+    tensors, raw = _load_safetensors(wfile)
+    if raw.get("format") not in (None, FORMAT):
+        raise CheckpointError(f"{wfile}: unknown checkpoint format {raw.get('format')!r} (expected {FORMAT})")
+    meta: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k in ("format", "preprocess_mode"):
+            continue
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    preprocess: dict[str, Any] = {}
+    if "preprocess_mode" in raw:
+        preprocess["mode"] = json.loads(raw["preprocess_mode"])
+    weights = {}
+    for k, v in tensors.items():
+        if k.startswith(PREPROCESS_PREFIX):
+            preprocess[k[len(PREPROCESS_PREFIX):]] = v
+        else:
+            weights[k] = v
+    state = None
+    if with_state and p.is_dir() and (p / STATE).exists():
+        state = _load_pt(p / STATE)
+    return Checkpoint(p, weights, meta, preprocess, state)
+
+
+def model_from_checkpoint(ckpt: Checkpoint | str | os.PathLike, name: str | None = None, **overrides: Any) -> nn.Module:
+    """Build the checkpoint's model and load its weights (strictly)."""
+    from ..models import create_model
+
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = load_checkpoint(ckpt, with_state=False)
+    model_name = name or ckpt.model_name
+    if model_name is None:
+        raise CheckpointError(f"{ckpt.path}: the checkpoint does not say which model it holds; pass the model name")
+    model = create_model(model_name, **{**ckpt.model_kwargs, **overrides})
+    try:
+        model.load_state_dict(ckpt.weights)
+    except RuntimeError as e:
+        said = f" (it says {ckpt.model_name})" if ckpt.model_name and ckpt.model_name != model_name else ""
+        raise CheckpointError(f"{ckpt.path}: weights do not fit {model_name}{said}: "
+                              f"{str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else e}") from None
+    return model
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Complete step checkpoints in ``directory``, oldest first (temporary and partial ones are ignored)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [c for c in d.iterdir() if c.is_dir() and c.name.startswith("step-") and (c / WEIGHTS).exists()]
+    return sorted(found, key=lambda c: int(c.name.split("-")[1]))
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> None:
+    for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for junk in Path(directory).glob(".*.tmp-*"):
+        shutil.rmtree(junk, ignore_errors=True)

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny generated CIFAR-10 in the standard python-batch layout, and real CIFAR-10 when present."""
+import os
+import pickle
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_fake_cifar10(root: Path, per_batch: int = 64, test: int = 100, seed: int = 0) -> Path:
+    """Random but learnable images: each class has its own mean colour, so a few steps already lower the error."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = rng.integers(0, 256, size=(10, 3))
+
+    def batch(n: int, label: str) -> dict:
+        labels = rng.integers(0, 10, size=n)
+        noise = rng.normal(0, 40, size=(n, 3, 32, 32))
+        imgs = np.clip(colours[labels][:, :, None, None] + noise, 0, 255).astype(np.uint8)
+        return {b"batch_label": label.encode(), b"labels": labels.tolist(), b"data": imgs.reshape(n, 3072),
+                b"filenames": [f"{label}_{i}.png".encode() for i in range(n)]}
+
+    for i in range(1, 6):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch(per_batch, f"training batch {i} of 5"), f, protocol=2)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump(batch(test, "testing batch 1 of 1"), f, protocol=2)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": per_batch,
+                     b"num_vis": 3072}, f, protocol=2)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory) -> Path:
+    """A directory to pass as --data: 320 training and 100 test images."""
+    root = tmp_path_factory.mktemp("tiny-cifar")
+    write_fake_cifar10(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_cifar(tmp_path_factory) -> Path:
+    """Real CIFAR-10: RESNETS_DATA, resnets' cache, or ../shared/data/get-cifar10; skips when none is available."""
+    candidates = [os.environ.get("RESNETS_DATA"), os.environ.get("RESNETS_CACHE"),
+                  str(Path.home() / ".cache" / "resnets")]
+    for c in candidates:
+        if c and (Path(c) / "cifar-10-batches-py" / "test_batch").exists():
+            return Path(c)
+    getter = SHARED / "data" / "get-cifar10"
+    if not getter.exists():
+        pytest.skip("real CIFAR-10 not available: no RESNETS_DATA, no cache, and no ../shared/data/get-cifar10")
+    dest = tmp_path_factory.mktemp("cifar10")
+    subprocess.run([str(getter), str(dest)], check=True, capture_output=True)
+    return dest
