@@ -3,11 +3,14 @@
     resnets models                     the model zoo with params, multiply-adds and the paper's errors
     resnets train --model resnet56 --recipe cifar-paper [--data DIR] [--steps N] [--out runs/NAME]
     resnets evaluate --checkpoint PATH [--data DIR]
+    resnets reproduce cifar10 [--preset demo|paper] [--depths 20,32,44,56] [--seeds N] [--out DIR]
+    resnets analyze responses --checkpoint PLAIN --checkpoint RESNET [--data DIR] [--out fig7.png]
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -149,6 +152,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .experiments.reproduce import run_experiment
+
+    overrides = {k: v for k, v in {"steps": args.steps, "device": args.device}.items() if v is not None}
+    if args.steps is not None and args.preset == "paper":
+        from .config import recipe
+        overrides["milestones"] = recipe("cifar-paper", steps=args.steps).milestones
+    out = args.out or f"runs/reproduce-cifar10-{args.preset}"
+    res = run_experiment(args.preset, depths=args.depths, nets=args.nets, seeds=args.seeds, out=out,
+                         data=args.data, overrides=overrides, progress=not args.no_progress)
+    print()
+    print((Path(out) / "results.md").read_text().split("## What the numbers show")[0].rstrip())
+    print("\nWhat the numbers show:")
+    for line in res["interpretation"]:
+        print(f"- {line}")
+    print(f"\nWrote {out}/results.md, results.json, fig6.png{', fig7.png' if res.get('fig7') else ''} "
+          f"in {res['wall_seconds']:.0f} s")
+    return 0
+
+
+def cmd_analyze_responses(args: argparse.Namespace) -> int:
+    from .experiments.responses import analyze_checkpoints, plot_responses
+
+    res = analyze_checkpoints(args.checkpoint, args.data, subset=args.subset, device=args.device)
+    path = plot_responses(res, args.out)
+    for r in res:
+        print(f"{r['label']:>12}: {len(r['std'])} layers, mean std {sum(r['std']) / len(r['std']):.4f}, "
+              f"max {max(r['std']):.4f} ({r['checkpoint']})")
+    print(f"wrote {path} and {path.with_suffix('.json')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resnets", description="Deep residual networks (He et al. 2015).")
     p.add_argument("--version", action="version", version=f"resnets {__import__('resnets').__version__}")
@@ -169,6 +204,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--subset", type=int, help="only the first N test images")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("reproduce", help="the paper's CIFAR-10 experiments: degradation curves (Fig. 6), Table 6")
+    r.add_argument("dataset", choices=["cifar10"])
+    r.add_argument("--preset", choices=["demo", "paper"], default="demo",
+                   help="demo: 20/56-layer nets, 500 steps (CPU, minutes); paper: Sec. 4.2's 64k-step recipe (GPU)")
+    r.add_argument("--depths", type=_csv_ints, help="comma-separated 6n+2 depths, e.g. 20,32,44,56")
+    r.add_argument("--nets", type=lambda t: [x for x in t.split(",") if x], help="plain,resnet (default both)")
+    r.add_argument("--seeds", type=int, help="runs per net (mean and std are reported)")
+    r.add_argument("--steps", type=int, help="iterations per run instead of the preset's")
+    r.add_argument("--data", help="directory with CIFAR-10 (else RESNETS_DATA, the cache, or a download)")
+    r.add_argument("--out", help="output directory (default runs/reproduce-cifar10-PRESET)")
+    r.add_argument("--device", help="auto (default), cpu, cuda")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=cmd_reproduce)
+
+    a = sub.add_parser("analyze", help="analyses of trained nets")
+    asub = a.add_subparsers(dest="analysis", required=True)
+    ar = asub.add_parser("responses", help="Fig. 7: std of each 3x3 layer's response, plain vs ResNet")
+    ar.add_argument("--checkpoint", action="append", required=True, help="a checkpoint (repeat for several nets)")
+    ar.add_argument("--data", help="directory with the data set")
+    ar.add_argument("--subset", type=int, help="only the first N test images")
+    ar.add_argument("--device", default="auto")
+    ar.add_argument("--out", default="fig7.png", help="figure path (a .json with the numbers is written beside it)")
+    ar.set_defaults(func=cmd_analyze_responses)
     return p
 
 

@@ -1,0 +1,335 @@
+"""The CIFAR-10 experiments of He et al. 2015, Section 4.2: plain vs residual nets of growing depth (Fig. 6) and
+the ResNet errors of Table 6.
+
+    resnets reproduce cifar10 --preset demo               # ~10 min on a 2-core CPU: the degradation problem
+    resnets reproduce cifar10 --preset paper --seeds 5    # the full 64k-iteration recipe (a GPU job)
+
+Each (net, depth, seed) is one training run under OUT/runs/; an interrupted experiment picks up where it
+stopped (finished runs are reused, unfinished ones resume from their last checkpoint). At the end it writes
+OUT/results.json, OUT/results.md (our errors beside the paper's) and OUT/fig6.png (training error dashed, test
+error solid, one line per depth; plain nets left, ResNets right), plus OUT/fig7.png (layer responses), and
+prints an interpretation computed from the measured numbers.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import TrainConfig, recipe
+from ..data import load_cifar
+from ..models.paper import TABLE6_ERROR, TABLE6_PARAMS_M
+from ..train import read_log
+from ..train import train as train_run
+from ..train.runtime import pick_runtime
+
+
+@dataclass
+class Preset:
+    name: str
+    depths: tuple[int, ...]
+    nets: tuple[str, ...]
+    seeds: int
+    config: TrainConfig
+    note: str = ""
+    response_subset: int | None = 2000
+
+
+# The demo: the calibration of issue 4 (bare loop, batch 128, lr 0.1, momentum 0.9, pad-crop-flip, 500 steps,
+# training error over the last 50 steps: plain-20 63.8%, plain-56 79.5%, ResNet-20 52.3%, ResNet-56 63.7%).
+# Constant lr: at 500 steps the recipe's milestones (32k, 48k) are never reached anyway.
+DEMO = Preset(
+    "demo", depths=(20, 56), nets=("plain", "resnet"), seeds=1,
+    config=recipe("cifar-paper", steps=500, milestones=(10**9,), eval_every=125, eval_subset=2000, log_every=50,
+                  checkpoint_every=500, keep_last=1, warmup_lr=None),
+    note="500 iterations per net at batch 128 (about 1.3 epochs); lr 0.1 constant; test error on the first 2000 "
+         "test images; one seed.",
+)
+
+# Section 4.2 in full: 64k iterations, lr 0.1 divided by 10 at 32k and 48k, warm-up at 0.01 for ResNet-110.
+PAPER = Preset(
+    "paper", depths=(20, 32, 44, 56, 110), nets=("plain", "resnet"), seeds=1,
+    config=recipe("cifar-paper", eval_every=2000, log_every=200, checkpoint_every=4000, keep_last=1),
+    note="the recipe of Section 4.2 (64k iterations, batch 128, lr 0.1 / 10 at 32k and 48k, ResNet-110 warm-up), "
+         "full 50k training images, full 10k test set.",
+    response_subset=None,
+)
+
+PRESETS = {"demo": DEMO, "paper": PAPER}
+
+
+def run_name(net: str, depth: int, seed: int) -> str:
+    return f"{net}{depth}-seed{seed}"
+
+
+def _finished(out: Path, cfg: TrainConfig) -> dict[str, Any] | None:
+    s, c = out / "summary.json", out / "config.json"
+    if not (s.exists() and c.exists()):
+        return None
+    old = json.loads(c.read_text())
+    new = cfg.to_dict()
+    ignore = {"resume", "progress", "threads", "data"}
+    if {k: v for k, v in old.items() if k not in ignore} != {k: v for k, v in new.items() if k not in ignore}:
+        return None
+    return json.loads(s.read_text())
+
+
+def _curves(run_dir: Path) -> dict[str, list]:
+    rows = read_log(run_dir / "log.jsonl")
+    train = [(r["step"], r["error"]) for r in rows if r["split"] == "train"]
+    test = [(r["step"], r["error"]) for r in rows if r["split"] in ("test", "val")]
+    return {"train": train, "test": test}
+
+
+def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = None, nets: list[str] | None = None,
+                   seeds: int | None = None, out: str | Path = "runs/reproduce-cifar10", data: str | None = None,
+                   overrides: dict[str, Any] | None = None, progress: bool = True, data_obj=None,
+                   responses: bool = True) -> dict[str, Any]:
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    depths = tuple(depths or p.depths)
+    nets = tuple(nets or p.nets)
+    seeds = seeds or p.seeds
+    for d in depths:
+        if (d - 2) % 6 or d < 8:
+            raise ValueError(f"CIFAR depths are 6n+2 (20, 32, 44, 56, 110, ...); got {d}")
+    for n in nets:
+        if n not in ("plain", "resnet"):
+            raise ValueError(f"nets are 'plain' and/or 'resnet'; got {n!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cifar = data_obj or load_cifar("cifar10", root=data, progress=progress)
+    rt = pick_runtime()
+    runs = []
+    total = len(depths) * len(nets) * seeds
+    i = 0
+    for depth in depths:
+        for net in nets:
+            for seed in range(seeds):
+                i += 1
+                name = run_name(net, depth, seed)
+                run_dir = out / "runs" / name
+                cfg = replace(p.config, model=f"{net}20", model_kwargs={"depth": depth}, seed=seed,
+                              out=str(run_dir), data=data, progress=progress, **(overrides or {}))
+                summary = _finished(run_dir, cfg)
+                if summary is None:
+                    print(f"[{i}/{total}] training {net}-{depth} (seed {seed}) for {cfg.steps} steps", flush=True)
+                    train_run(replace(cfg, resume="auto"), data=cifar)
+                    summary = json.loads((run_dir / "summary.json").read_text())
+                else:
+                    print(f"[{i}/{total}] {net}-{depth} (seed {seed}): finished earlier, reused", flush=True)
+                curves = _curves(run_dir)
+                runs.append({"net": net, "depth": depth, "seed": seed, "name": name, "dir": str(run_dir),
+                             "train_error": summary["train_error"], "test_error": summary["final"]["error"],
+                             "test_top5_error": summary["final"]["top5_error"], "test_images": summary["final"]["n"],
+                             "best_test_error": (summary.get("best") or {}).get("error"),
+                             "seconds": summary["seconds"], "runtime": summary.get("runtime"),
+                             "params": _params(net, depth), "curves": curves})
+    results = {
+        "preset": p.name, "note": p.note, "depths": list(depths), "nets": list(nets), "seeds": seeds,
+        "config": replace(p.config, **(overrides or {})).to_dict(), "runtime": rt.describe(),
+        "torch": torch.__version__, "data_source": cifar.source, "wall_seconds": None,
+        "date": time.strftime("%Y-%m-%d"), "runs": runs, "table": summarize(runs),
+    }
+    results["interpretation"] = interpret(results)
+    if responses:
+        results["fig7"] = _fig7(runs, out, cifar, p.response_subset)
+    results["wall_seconds"] = time.perf_counter() - t0
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(results_markdown(results))
+    plot_fig6(results, out / "fig6.png")
+    return results
+
+
+def _params(net: str, depth: int) -> int:
+    with torch.device("meta"):
+        from ..models import create_model
+        m = create_model(f"{net}20", depth=depth)
+    return sum(p.numel() for p in m.parameters())
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float | None]:
+    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (net, depth): mean (and std over seeds) of the final training and test errors."""
+    rows = []
+    keys = sorted({(r["net"], r["depth"]) for r in runs}, key=lambda k: (k[1], k[0]))
+    for net, depth in keys:
+        rs = [r for r in runs if r["net"] == net and r["depth"] == depth]
+        tr, tr_sd = _mean_std([r["train_error"] for r in rs])
+        te, te_sd = _mean_std([r["test_error"] for r in rs])
+        rows.append({"net": net, "depth": depth, "seeds": len(rs), "train_error": tr, "train_error_std": tr_sd,
+                     "test_error": te, "test_error_std": te_sd, "params": rs[0]["params"],
+                     "paper_test_error": TABLE6_ERROR.get(depth) if net == "resnet" else None,
+                     "paper_params_m": TABLE6_PARAMS_M.get(depth) if net == "resnet" else None})
+    return rows
+
+
+def _row(table, net, depth):
+    return next((r for r in table if r["net"] == net and r["depth"] == depth), None)
+
+
+def interpret(results: dict[str, Any]) -> list[str]:
+    """Sentences about what the measured numbers show, each computed from them; effects that do not show are said."""
+    table, depths = results["table"], sorted(results["depths"])
+    lines = []
+    if len(depths) < 2:
+        return ["Only one depth was trained: depth effects cannot be judged."]
+    lo, hi = depths[0], depths[-1]
+    pl, ph = _row(table, "plain", lo), _row(table, "plain", hi)
+    rl, rh = _row(table, "resnet", lo), _row(table, "resnet", hi)
+    steps = results["config"]["steps"]
+    if pl and ph:
+        d = ph["train_error"] - pl["train_error"]
+        if d > 0:
+            lines.append(f"Degradation shows: plain-{hi} has a higher training error than plain-{lo} "
+                         f"({ph['train_error']:.1f}% vs {pl['train_error']:.1f}%, +{d:.1f} points). The deeper plain "
+                         "net fits its training data worse, so this is not overfitting (Sec. 4.2, Fig. 6 left).")
+        else:
+            lines.append(f"Degradation does NOT show in this run: plain-{hi} training error {ph['train_error']:.1f}% "
+                         f"is not above plain-{lo}'s {pl['train_error']:.1f}%.")
+    if ph and rh:
+        d = ph["train_error"] - rh["train_error"]
+        if d >= 5:
+            lines.append(f"Residual learning fixes it: ResNet-{hi} trains to {rh['train_error']:.1f}% error vs "
+                         f"{ph['train_error']:.1f}% for plain-{hi} with the same layers and parameters "
+                         f"({d:.1f} points lower).")
+        elif d > 0:
+            lines.append(f"ResNet-{hi} trains only slightly better than plain-{hi} ({rh['train_error']:.1f}% vs "
+                         f"{ph['train_error']:.1f}%, {d:.1f} points): not a clear effect in this run.")
+        else:
+            lines.append(f"The residual fix does NOT show in this run: ResNet-{hi} {rh['train_error']:.1f}% vs "
+                         f"plain-{hi} {ph['train_error']:.1f}% training error.")
+    if rl and rh:
+        if rh["train_error"] < rl["train_error"]:
+            lines.append(f"Deeper ResNet already better: ResNet-{hi} {rh['train_error']:.1f}% vs ResNet-{lo} "
+                         f"{rl['train_error']:.1f}% training error (Fig. 6 right).")
+        else:
+            lines.append(f"After {steps} iterations the deeper ResNet has not yet overtaken the shallower one "
+                         f"(ResNet-{hi} {rh['train_error']:.1f}% vs ResNet-{lo} {rl['train_error']:.1f}% training "
+                         "error). The paper shows that ordering after long training (64k iterations, Fig. 6 right); "
+                         "this short run cannot test it: the `paper` preset does.")
+    if all(r and r.get("test_error") is not None for r in (pl, ph, rl, rh)):
+        lines.append(f"Test error ({results['runs'][0]['test_images']} test images): plain-{lo} {pl['test_error']:.1f}%, "
+                     f"plain-{hi} {ph['test_error']:.1f}%, ResNet-{lo} {rl['test_error']:.1f}%, ResNet-{hi} "
+                     f"{rh['test_error']:.1f}%.")
+    if steps < 64000:
+        lines.append(f"These are {steps}-iteration runs; the paper's Table 6 errors come from 64k iterations and are "
+                     "not comparable to them.")
+    return lines
+
+
+def _fmt(v: float | None, sd: float | None = None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}" + (f" ± {sd:.2f}" if sd is not None else "")
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    lines = [f"# CIFAR-10: plain vs residual nets (preset `{results['preset']}`)", "",
+             f"- {results['note']}",
+             f"- Recipe: batch {cfg['batch_size']}, lr {cfg['lr']}, momentum {cfg['momentum']}, weight decay "
+             f"{cfg['weight_decay']}, milestones {cfg['milestones']}, {cfg['steps']} iterations, "
+             f"{'pad-crop-flip' if cfg['augment'] else 'no augmentation'}, {cfg['normalize']} normalisation.",
+             f"- Hardware: {results['runtime']}; torch {results['torch']}; {results['date']}; "
+             f"wall time {results['wall_seconds'] and round(results['wall_seconds'])} s.",
+             f"- Data: {results['data_source']}", "",
+             "Training error is measured on the augmented training batches of the last "
+             f"{cfg['log_every']} iterations; test error on {results['runs'][0]['test_images']} test images.", "",
+             "| depth | params | plain train err % | plain test err % | ResNet train err % | ResNet test err % | "
+             "paper ResNet test err % (Table 6) |", "|---|---|---|---|---|---|---|"]
+    for depth in results["depths"]:
+        pl, rs = _row(results["table"], "plain", depth), _row(results["table"], "resnet", depth)
+        any_row = pl or rs
+        lines.append(f"| {depth} | {any_row['params'] / 1e6:.2f}M | "
+                     f"{_fmt(pl and pl['train_error'], pl and pl['train_error_std'])} | "
+                     f"{_fmt(pl and pl['test_error'], pl and pl['test_error_std'])} | "
+                     f"{_fmt(rs and rs['train_error'], rs and rs['train_error_std'])} | "
+                     f"{_fmt(rs and rs['test_error'], rs and rs['test_error_std'])} | "
+                     f"{_fmt(TABLE6_ERROR.get(depth))} |")
+    lines += ["", "The paper does not tabulate its plain nets; Fig. 6 (left) shows them above the ResNets at every "
+              "depth.", "", "## What the numbers show", ""]
+    lines += [f"- {s}" for s in results["interpretation"]]
+    lines += ["", "![Fig. 6 style curves](fig6.png)"]
+    if results.get("fig7"):
+        lines += ["", "## Layer responses (Fig. 7)", "", results["fig7"]["summary"], "", "![Fig. 7](fig7.png)"]
+    lines += ["", "## Runs", "", "| run | train err % | test err % | seconds |", "|---|---|---|---|"]
+    for r in results["runs"]:
+        lines.append(f"| {r['name']} | {r['train_error']:.2f} | {r['test_error']:.2f} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_fig6(results: dict[str, Any], path: str | Path) -> Path:
+    """Fig. 6 layout: plain nets left, ResNets right; training error dashed, test error solid; one colour per depth."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nets = [n for n in ("plain", "resnet") if n in results["nets"]]
+    fig, axes = plt.subplots(1, len(nets), figsize=(6 * len(nets), 4.5), sharey=True, squeeze=False)
+    colours = plt.get_cmap("tab10")
+    steps = results["config"]["steps"]
+    scale, unit = (1e4, "iter. (1e4)") if steps >= 20000 else (1, "iterations")
+    for ax, net in zip(axes[0], nets):
+        for k, depth in enumerate(results["depths"]):
+            rs = [r for r in results["runs"] if r["net"] == net and r["depth"] == depth]
+            if not rs:
+                continue
+            tr = _average_curves([r["curves"]["train"] for r in rs])
+            te = _average_curves([r["curves"]["test"] for r in rs])
+            label = f"{'plain' if net == 'plain' else 'ResNet'}-{depth}"
+            ax.plot([s / scale for s, _ in tr], [e for _, e in tr], "--", color=colours(k), alpha=0.8)
+            ax.plot([s / scale for s, _ in te], [e for _, e in te], "-", color=colours(k), lw=2, label=label)
+        ax.set_title(f"{'plain' if net == 'plain' else 'ResNet'} nets on CIFAR-10")
+        ax.set_xlabel(unit)
+        ax.grid(alpha=0.3)
+        ax.legend(title="dashed: training, bold: test", fontsize=8)
+    axes[0][0].set_ylabel("error (%)")
+    fig.suptitle(f"He et al. 2015 Fig. 6, reproduced (preset {results['preset']}, {steps} iterations)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _average_curves(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    if not curves:
+        return []
+    n = min(len(c) for c in curves)
+    return [(curves[0][i][0], statistics.fmean(c[i][1] for c in curves)) for i in range(n)]
+
+
+def _fig7(runs, out: Path, cifar, subset) -> dict[str, Any] | None:
+    from .responses import analyze_checkpoints, plot_responses
+
+    seed0 = [r for r in runs if r["seed"] == 0]
+    paths = []
+    for r in seed0:
+        ckpts = sorted((Path(r["dir"]) / "checkpoints").glob("step-*"))
+        if ckpts:
+            paths.append(str(ckpts[-1]))
+    if not paths:
+        return None
+    res = analyze_checkpoints(paths, data_obj=cifar, subset=subset)
+    plot_responses(res, out / "fig7.png")
+    parts = []
+    for depth in sorted({r["depth"] for r in seed0}):
+        pl = next((x for x in res if x["label"] == f"plain-{depth}"), None)
+        rs = next((x for x in res if x["label"] == f"ResNet-{depth}"), None)
+        if pl and rs:
+            mp, mr = statistics.fmean(pl["std"]), statistics.fmean(rs["std"])
+            verdict = "smaller" if mr < mp else "NOT smaller"
+            parts.append(f"depth {depth}: mean response std ResNet {mr:.3f} vs plain {mp:.3f} ({verdict})")
+    summary = ("Std of each 3x3 layer's response after BN, before addition/ReLU, over "
+               f"{res[0]['images']} test images; " + "; ".join(parts) + ". The paper (Fig. 7) reports ResNets' "
+               "responses generally smaller than the plain nets'.")
+    return {"checkpoints": paths, "summary": summary}

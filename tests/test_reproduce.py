@@ -1,0 +1,84 @@
+"""The experiment runner on a tiny generated data set: results files and figures, numbers equal to the runs' logs."""
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from resnets.config import recipe
+from resnets.experiments.reproduce import Preset, interpret, run_experiment
+from resnets.experiments.responses import response_layers
+from resnets.models import create_model
+from resnets.train import read_log
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = Preset("tiny", depths=(8, 14), nets=("plain", "resnet"), seeds=2,
+              config=recipe("cifar-paper", steps=12, milestones=(10**9,), batch_size=32, eval_every=6, log_every=4,
+                            checkpoint_every=12, keep_last=1, warmup_lr=None, threads=1),
+              note="tiny test preset", response_subset=50)
+
+
+def test_runner_writes_results_and_figures(tiny_cifar, tmp_path):
+    out = tmp_path / "exp"
+    res = run_experiment(TINY, out=out, data=str(tiny_cifar), progress=False)
+    for f in ("results.json", "results.md", "fig6.png", "fig7.png", "fig7.json"):
+        assert (out / f).stat().st_size > 0, f
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["runs"]) == 2 * 2 * 2
+    # every number in the table is the one the run logged
+    for run in saved["runs"]:
+        rows = read_log(Path(run["dir"]) / "log.jsonl")
+        last_train = [r for r in rows if r["split"] == "train"][-1]
+        last_test = [r for r in rows if r["split"] == "test"][-1]
+        assert run["train_error"] == last_train["error"] and last_train["step"] == 12
+        assert run["test_error"] == last_test["error"]
+    for row in saved["table"]:
+        rs = [r for r in saved["runs"] if r["net"] == row["net"] and r["depth"] == row["depth"]]
+        assert row["train_error"] == pytest.approx(sum(r["train_error"] for r in rs) / 2)
+        assert row["train_error_std"] is not None
+    md = (out / "results.md").read_text()
+    row8 = next(l for l in md.splitlines() if l.startswith("| 8 |"))
+    plain8 = next(r for r in saved["table"] if r["net"] == "plain" and r["depth"] == 8)
+    assert f"{plain8['train_error']:.2f} ± {plain8['train_error_std']:.2f}" in row8
+    assert "What the numbers show" in md and saved["interpretation"]
+    # a second call reuses the finished runs instead of training again
+    again = run_experiment(TINY, out=out, data=str(tiny_cifar), progress=False)
+    assert [r["test_error"] for r in again["runs"]] == [r["test_error"] for r in res["runs"]]
+
+
+def test_interpretation_follows_the_numbers():
+    def table(p20, p56, r20, r56):
+        return [{"net": n, "depth": d, "train_error": e, "test_error": e + 1} for n, d, e in
+                [("plain", 20, p20), ("plain", 56, p56), ("resnet", 20, r20), ("resnet", 56, r56)]]
+
+    base = {"depths": [20, 56], "config": {"steps": 500}, "runs": [{"test_images": 2000}]}
+    shows = interpret({**base, "table": table(63.8, 79.5, 52.3, 63.7)})
+    assert shows[0].startswith("Degradation shows") and shows[1].startswith("Residual learning fixes it")
+    assert "has not yet overtaken" in shows[2]
+    absent = interpret({**base, "table": table(70.0, 65.0, 60.0, 64.0)})
+    assert "does NOT show" in absent[0] and "only slightly" in absent[1]
+
+
+def test_response_layers_are_the_3x3_bns():
+    m = create_model("resnet20")
+    layers = response_layers(m)
+    assert len(layers) == 18 and layers[0][0] == "layer1.0.bn1" and layers[-1][0] == "layer3.2.bn2"
+
+
+def test_cli_analyze_responses(tiny_cifar, tmp_path):
+    run_experiment(replace(TINY, depths=(8,), seeds=1), out=tmp_path / "e", data=str(tiny_cifar), progress=False,
+                   responses=False)
+    ck = sorted((tmp_path / "e/runs").glob("*/checkpoints/step-*"))
+    assert len(ck) == 2
+    args = [sys.executable, "-m", "resnets.cli", "analyze", "responses", "--data", str(tiny_cifar), "--out",
+            str(tmp_path / "f7.png")]
+    for c in ck:
+        args += ["--checkpoint", str(c)]
+    r = subprocess.run(args, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin"})
+    assert r.returncode == 0, r.stderr
+    assert "plain-8" in r.stdout and "ResNet-8" in r.stdout
+    data = json.loads((tmp_path / "f7.json").read_text())
+    assert len(data) == 2 and all(len(d["std"]) == 6 and min(d["std"]) > 0 for d in data)
