@@ -288,7 +288,7 @@ def plot_fig6(results: dict[str, Any], path: str | Path) -> Path:
             label = f"{'plain' if net == 'plain' else 'ResNet'}-{depth}"
             ax.plot([s / scale for s, _ in tr], [e for _, e in tr], "--", color=colours(k), alpha=0.8)
             ax.plot([s / scale for s, _ in te], [e for _, e in te], "-", color=colours(k), lw=2, label=label)
-        ax.set_title(f"{'plain' if net == 'plain' else 'ResNet'} nets on CIFAR-10")
+        ax.set_title(f"{'plain nets' if net == 'plain' else 'ResNets'} on CIFAR-10")
         ax.set_xlabel(unit)
         ax.grid(alpha=0.3)
         ax.legend(title="dashed: training, bold: test", fontsize=8)
