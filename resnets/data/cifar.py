@@ -255,6 +255,40 @@ def _names(d: dict, key: str, path: Path, count: int) -> list[str]:
         raise CorruptDataError(f"{path}: bad class name ({e})") from None
 
 
+# SHA-256 of each standard CIFAR-10 batch's pixels (uint8, 10000 x 3072 as stored) and labels (as uint8), computed
+# from the lossless copy that ../shared/data/README.md verifies (its whole-array hashes agree with these).
+# Pickles carry no checksum, so without these a flipped bit in the pixels would train silently on wrong data.
+CIFAR10_BATCH_SHA256 = {
+    "data_batch_1": ("a50e8b48728e1667d682a807155c375279d5ae321fb12242c02e3104a6bc8b21",
+                     "d829dbdf32167c9d7b3687cee66d92d80d46c441308b5aca0d11e8b69e27dac9"),
+    "data_batch_2": ("0b825e5592c3b72ea18d6ec2ff5f5b19d33e41a75f5039054a9bb87be3cf69a0",
+                     "5d18f7371ed35ea9ade77952fe958b0660a45cd6c8b8a8970030f21612cfd7e3"),
+    "data_batch_3": ("c6ee1dd4601a69ec085d8ebf53ee6441775491a6839a0a9ae8fa198e88a3a429",
+                     "32cf77b0ee2e790b1c4384d2d82e42dc1571b87e67f6da8f444b2725b2973f65"),
+    "data_batch_4": ("1f6b6c799cff375a9f8fae2fac909d51ee09f38a6a60eebb9e8fec6f47ddc48f",
+                     "d2815e3f8f656272864920fc0edde56b04ec9cf81bf397c0dd3069f4aea51aeb"),
+    "data_batch_5": ("58e3bbf713e28357476a351d3a05d056372f94c681d04ca9d62a076fdf2a643b",
+                     "2ddf3ab27d5d04409c94ce7b56849c243129c10de1058ae0bfe14c77e934800c"),
+    "test_batch": ("177777c33ba79825320efa646ad04a94bdc3c80e4ebe3bd21724f8cdfd4b9d56",
+                   "cec8a24a1e92aa2ecaa0bbd3dbfa86bf6cd8759fbd209a832824c8cf0afca9d5"),
+}
+
+
+def _verify_standard_batch(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """A full-size CIFAR-10 batch must hold exactly the official pixels and labels. Batches of other sizes (a
+    user's own subset, generated test data) are not checked; RESNETS_VERIFY_DATA=0 turns the check off."""
+    known = CIFAR10_BATCH_SHA256.get(path.name)
+    if known is None or images.shape[0] != 10000 or os.environ.get("RESNETS_VERIFY_DATA", "1") == "0":
+        return
+    if hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest() != known[0]:
+        raise CorruptDataError(f"{path}: the pixels differ from the official CIFAR-10 batch (SHA-256 mismatch): the "
+                               "file is damaged (e.g. a flipped bit); delete it and let resnets fetch the data again, "
+                               "or set RESNETS_VERIFY_DATA=0 if you changed it on purpose")
+    if hashlib.sha256(labels.astype(np.uint8).tobytes()).hexdigest() != known[1]:
+        raise CorruptDataError(f"{path}: the labels differ from the official CIFAR-10 batch (SHA-256 mismatch): "
+                               "the file is damaged; delete it and fetch the data again")
+
+
 def _read_folder(name: str, folder: Path, source: str) -> CifarData:
     """Read a complete ``cifar-10-batches-py`` / ``cifar-100-python`` folder (raises CorruptDataError)."""
     nc = _N_CLASSES[name]
@@ -267,10 +301,12 @@ def _read_folder(name: str, folder: Path, source: str) -> CifarData:
             x = _images(d, p, None)
             xs.append(x)
             ys.append(_labels(d, "labels", p, len(x), nc))
+            _verify_standard_batch(p, x, ys[-1])
         p = folder / "test_batch"
         d = _load_pickle(p)
         test_x = _images(d, p, None)
         test_y = _labels(d, "labels", p, len(test_x), nc)
+        _verify_standard_batch(p, test_x, test_y)
         train_x, train_y = np.concatenate(xs), np.concatenate(ys)
     else:
         classes = _names(_load_pickle(folder / "meta"), "fine_label_names", folder / "meta", nc)

@@ -1,0 +1,205 @@
+"""The promises of docs/reliability.md, each proved here: crashes, a full disk, corrupt inputs, bad numbers."""
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnets.data import CorruptDataError, load_cifar
+from resnets.train import CheckpointError, load_checkpoint, read_log
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def train_cmd(data, out, steps=36, *extra):
+    return [sys.executable, "-m", "resnets.cli", "train", "--model", "resnet20", "--depth", "8", "--data", str(data),
+            "--steps", str(steps), "--batch-size", "32", "--milestones", "20,30", "--checkpoint-every", "3",
+            "--log-every", "1", "--eval-every", "1000", "--keep-last", "2", "--out", str(out), "--resume", "auto",
+            "--no-progress", "--threads", "1", "--no-warmup", *extra]
+
+
+def final_weights(out, steps=36):
+    return load_checkpoint(Path(out) / f"checkpoints/step-{steps:08d}", with_state=False).weights
+
+
+def train_losses(out):
+    return [(r["step"], r["loss"]) for r in read_log(Path(out) / "log.jsonl") if r["split"] == "train"]
+
+
+def last_logged_step(out):
+    try:
+        return max((r["step"] for r in read_log(Path(out) / "log.jsonl") if r["split"] == "train"), default=0)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0  # not written yet, or a line being written right now
+
+
+_MID_CHECKPOINT = r"""
+import sys, time, pathlib, runpy
+import resnets.train.checkpoint as ck
+marker, limit = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+real = ck.torch.save
+def slow(obj, f, *a, **k):
+    real(obj, f, *a, **k)
+    if obj.get("step", 0) >= limit:   # checkpoint being written: not yet renamed into place
+        marker.write_text("in checkpoint")
+        time.sleep(300)
+ck.torch.save = slow
+sys.argv = ["resnets"] + sys.argv[3:]
+from resnets.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tiny_cifar, tmp_path):
+    """Promise 1: killed with SIGKILL at random moments (one of them inside a checkpoint write), resumed each
+    time, the run ends with the same weights and losses, bit for bit, as one that was never interrupted."""
+    ref = tmp_path / "unbroken"
+    subprocess.run(train_cmd(tiny_cifar, ref), check=True, env=ENV, capture_output=True)
+    run = tmp_path / "killed"
+    rng = random.Random(1234)
+    kills = []
+    # one kill inside a checkpoint write, before the directory is renamed into place
+    marker = tmp_path / "marker"
+    p = subprocess.Popen([sys.executable, "-c", _MID_CHECKPOINT, str(marker), "9", *train_cmd(tiny_cifar, run)[3:]],
+                         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    kills.append(("mid-checkpoint", 9))
+    assert [c.name for c in sorted((run / "checkpoints").glob("step-*"))] == ["step-00000003", "step-00000006"]
+    # then kills at random moments: after a random number of further logged steps plus a random delay
+    for _ in range(4):
+        start = last_logged_step(run)
+        p = subprocess.Popen(train_cmd(tiny_cifar, run), env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        target = start + rng.randint(2, 6)
+        while last_logged_step(run) < target and p.poll() is None:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.1))
+        if p.poll() is not None:
+            break
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills.append(("random", last_logged_step(run)))
+    subprocess.run(train_cmd(tiny_cifar, run), check=True, env=ENV, capture_output=True)
+    print("kills survived:", kills)
+    assert len(kills) >= 4
+    a, b = final_weights(ref), final_weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(ref) == train_losses(run)
+    assert not list((run / "checkpoints").glob(".*"))
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        return False
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+def test_disk_full_while_checkpointing(tiny_cifar, tmp_path):
+    """Promise 2: on a full disk the run stops with a clear error and the previous checkpoint stays intact."""
+    disk = tmp_path / "small-disk"
+    # one checkpoint of this net is about 0.65 MB: the first fits, the second (written beside it) does not
+    if not _mount_tmpfs(disk, "1000k"):
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        r = subprocess.run(train_cmd(tiny_cifar, disk / "run"), env=ENV, capture_output=True, text=True)
+        assert r.returncode == 1, r.stderr
+        assert "No space left on device" in r.stderr and "previous checkpoint is untouched" in r.stderr
+        assert "Traceback" not in r.stderr
+        kept = sorted(p.name for p in (disk / "run/checkpoints").iterdir())
+        assert kept == ["step-00000003"]
+        c = load_checkpoint(disk / "run/checkpoints/step-00000003")
+        assert c.step == 3 and c.state["step"] == 3
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def _tree_digest(path: Path) -> dict:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_truncated_data_batch_names_the_file(tmp_path):
+    from conftest import write_fake_cifar10
+    folder = write_fake_cifar10(tmp_path / "data")
+    victim = folder / "data_batch_4"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    r = subprocess.run(train_cmd(tmp_path / "data", tmp_path / "run"), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 1 and str(victim) in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()   # nothing was written for a run that could not start
+
+
+@pytest.mark.realdata
+def test_bit_flipped_real_batch_names_the_file(real_cifar, tmp_path):
+    src = real_cifar / "cifar-10-batches-py"
+    dst = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(src, dst)
+    victim = dst / "data_batch_3"
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x04                # one bit in the middle of the pixel array
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(CorruptDataError, match=r"data_batch_3: the pixels differ from the official CIFAR-10"):
+        load_cifar("cifar10", root=tmp_path, download=False)
+
+
+def test_corrupt_config_files_name_the_file(tiny_cifar, tmp_path):
+    good = tmp_path / "config.json"
+    subprocess.run(train_cmd(tiny_cifar, tmp_path / "run", 3), check=True, env=ENV, capture_output=True)
+    shutil.copy(tmp_path / "run/config.json", good)
+    cases = {
+        "truncated.json": good.read_text()[:-40],
+        "wrong-type.json": good.read_text().replace('"batch_size": 32', '"batch_size": "32"'),
+        "unknown-field.json": good.read_text().replace('"batch_size": 32', '"batch_sise": 32'),
+        "binary.json": None,
+    }
+    for name, text in cases.items():
+        f = tmp_path / name
+        if text is None:
+            f.write_bytes(bytes(range(256)))
+        else:
+            f.write_text(text)
+        r = subprocess.run([sys.executable, "-m", "resnets.cli", "train", "--config", str(f), "--out",
+                            str(tmp_path / "never")], env=ENV, capture_output=True, text=True)
+        assert r.returncode == 2 and str(f) in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
+    assert not (tmp_path / "never").exists()
+    # the intact copy reproduces the run's config
+    r = subprocess.run([sys.executable, "-m", "resnets.cli", "train", "--config", str(good), "--steps", "3",
+                        "--out", str(tmp_path / "again"), "--resume", "none-such"], env=ENV, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "none-such: no such checkpoint" in r.stderr
+
+
+def test_corrupt_checkpoints_name_the_file_and_overwrite_nothing(tiny_cifar, tmp_path):
+    run = tmp_path / "run"
+    subprocess.run(train_cmd(tiny_cifar, run, 6), check=True, env=ENV, capture_output=True)
+    newest = run / "checkpoints/step-00000006"
+    for what, damage in [("truncated", lambda b: b[: len(b) // 3]),
+                         ("bit-flipped", lambda b: b[:-100] + bytes([b[-100] ^ 0x10]) + b[-99:])]:
+        shutil.rmtree(tmp_path / "copy", ignore_errors=True)
+        shutil.copytree(run, tmp_path / "copy")
+        f = tmp_path / "copy/checkpoints/step-00000006/model.safetensors"
+        f.write_bytes(damage(f.read_bytes()))
+        before = _tree_digest(tmp_path / "copy")
+        r = subprocess.run(train_cmd(tiny_cifar, tmp_path / "copy", 12), env=ENV, capture_output=True, text=True)
+        assert r.returncode == 1, (what, r.stderr)
+        assert str(f) in r.stderr and "Traceback" not in r.stderr, (what, r.stderr)
+        assert _tree_digest(tmp_path / "copy") == before, what
+        with pytest.raises(CheckpointError, match="model.safetensors"):
+            load_checkpoint(f.parent)
+    assert load_checkpoint(newest).step == 6
