@@ -5,6 +5,8 @@
     resnets evaluate --checkpoint PATH [--data DIR]
     resnets reproduce cifar10 [--preset demo|paper] [--depths 20,32,44,56] [--seeds N] [--out DIR]
     resnets analyze responses --checkpoint PLAIN --checkpoint RESNET [--data DIR] [--out fig7.png]
+    resnets export --checkpoint PATH --format onnx|torchscript --out FILE [--opset N] [--dynamic-batch]
+    resnets predict --checkpoint PATH IMAGE... [--top-k 5] [--json]
 """
 from __future__ import annotations
 
@@ -184,6 +186,26 @@ def cmd_analyze_responses(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    res = export(args.checkpoint, model=args.model, weights=args.weights, fmt=args.format, out=args.out,
+                 opset=args.opset, dynamic_batch=args.dynamic_batch, image_size=args.image_size,
+                 tolerance=args.tolerance, verify=not args.no_verify)
+    print(res.summary(), file=sys.stdout if res.ok else sys.stderr)
+    return 0 if res.ok else 1
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from .predict import format_predictions, predict
+
+    res = predict(args.checkpoint, args.images, top_k=args.top_k, device=args.device)
+    print(json.dumps(res, indent=2) if args.json else format_predictions(res))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resnets", description="Deep residual networks (He et al. 2015).")
     p.add_argument("--version", action="version", version=f"resnets {__import__('resnets').__version__}")
@@ -228,6 +250,27 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--device", default="auto")
     ar.add_argument("--out", default="fig7.png", help="figure path (a .json with the numbers is written beside it)")
     ar.set_defaults(func=cmd_analyze_responses)
+
+    x = sub.add_parser("export", help="ONNX or TorchScript file of a network, checked against PyTorch")
+    x.add_argument("--checkpoint", help="checkpoint directory, model.safetensors, or a torchvision .pth state_dict")
+    x.add_argument("--model", help="a name from `resnets models` (without --checkpoint: random or --weights)")
+    x.add_argument("--weights", help="with --model: 'torchvision', 'torchvision:IMAGENET1K_V1', or a weights file")
+    x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    x.add_argument("--out", required=True, help="file to write")
+    x.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    x.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: fixed batch of 1)")
+    x.add_argument("--image-size", type=int, help="input resolution (default: the training one, 32 or 224)")
+    x.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |exported - PyTorch| (1e-4)")
+    x.add_argument("--no-verify", action="store_true", help="do not run the exported file")
+    x.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("predict", help="top-5 classes of image files, with a trained checkpoint")
+    pr.add_argument("--checkpoint", required=True, help="checkpoint directory or model.safetensors")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    pr.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    pr.add_argument("--json", action="store_true", help="JSON output")
+    pr.add_argument("--device", default="cpu")
+    pr.set_defaults(func=cmd_predict)
     return p
 
 
@@ -241,8 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         # Our own errors (missing or corrupt data, bad checkpoints, a NaN loss) carry their explanation.
         from .data import CorruptDataError, DataNotFoundError
+        from .export import ExportError
+        from .models import WeightsDownloadError
         from .train import CheckpointError, NonFiniteLossError
-        if isinstance(e, (CorruptDataError, DataNotFoundError, CheckpointError, NonFiniteLossError)):
+        if isinstance(e, (CorruptDataError, DataNotFoundError, CheckpointError, NonFiniteLossError, ExportError,
+                          WeightsDownloadError)):
             print(f"resnets {args.command}: error: {e}", file=sys.stderr)
             return 1
         raise

@@ -1,10 +1,12 @@
 """The networks of He et al. 2015 and their variants. Imports nothing else of ``resnets``."""
 from .blocks import BasicBlock, Bottleneck, Projection, ZeroPadShortcut, make_shortcut
-from .convert import fold_batchnorm, from_torchvision, torchvision_arch
+from .convert import (UnsafeWeightsError, fold_batchnorm, from_timm, from_torchvision, load_state_dict_file,
+                      torchvision_arch)
 from .info import count_macs, count_params, model_info
-from .registry import ModelSpec, create_model, get_spec, list_models
+from .registry import ModelSpec, WeightsDownloadError, create_model, get_spec, list_models, torchvision_weights_url
 from .resnet import CifarResNeXt, CifarResNet, ResNet
 
 __all__ = ["BasicBlock", "Bottleneck", "Projection", "ZeroPadShortcut", "make_shortcut", "ResNet", "CifarResNet",
            "CifarResNeXt", "create_model", "list_models", "get_spec", "ModelSpec", "model_info", "count_params",
-           "count_macs", "from_torchvision", "torchvision_arch", "fold_batchnorm"]
+           "count_macs", "from_torchvision", "torchvision_arch", "fold_batchnorm", "from_timm", "load_state_dict_file",
+           "UnsafeWeightsError", "WeightsDownloadError", "torchvision_weights_url"]

@@ -1,7 +1,9 @@
-"""Model names -> constructors: ``create_model(name, **overrides)`` and ``list_models()``."""
+"""Model names -> constructors: ``create_model(name, weights=None, **overrides)`` and ``list_models()``; torchvision's
+published ImageNet weights by name (``weights="torchvision"``)."""
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -91,13 +93,114 @@ _ALLOWED = {"num_classes", "shortcut", "stride_in", "zero_init_residual", "depth
             "groups", "width_per_group", "widths", "cardinality", "bottleneck_width"}
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
+# Our names for which torchvision publishes ImageNet weights (its names are ours). Bottleneck nets among them are
+# ResNet v1.5: built with stride_in="3x3" when these weights are loaded.
+TORCHVISION_WEIGHTS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+                       "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
+WEIGHTS_URL_ENV = "RESNETS_WEIGHTS_URL"
+
+
+class WeightsDownloadError(RuntimeError):
+    """Published weights could not be fetched (no network, a bad URL, a corrupt download); says what to do."""
+
+
+def torchvision_weights_url(name: str, tag: str | None = None, base_url: str | None = None) -> str:
+    """The URL of torchvision's published weights for ``name`` (``tag``: e.g. "IMAGENET1K_V1"; default: torchvision's
+    DEFAULT). ``base_url`` (or env RESNETS_WEIGHTS_URL) replaces torchvision's download location: a folder URL gets
+    torchvision's file name appended; a URL of a ``.pth`` file is used as it is."""
+    if name not in TORCHVISION_WEIGHTS:
+        raise ValueError(f"torchvision publishes no weights for {name!r}; it has weights for "
+                         f"{', '.join(TORCHVISION_WEIGHTS)} (CIFAR and plain nets must be trained: `resnets train`)")
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(name)
+    try:
+        entry = enum.DEFAULT if tag in (None, "", "DEFAULT") else enum[tag]
+    except KeyError:
+        raise ValueError(f"torchvision has no {tag!r} weights for {name}; it has {[e.name for e in enum]}") from None
+    base_url = base_url or os.environ.get(WEIGHTS_URL_ENV) or None
+    if not base_url:
+        return entry.url
+    if base_url.endswith((".pth", ".pt")):
+        return base_url
+    return base_url.rstrip("/") + "/" + entry.url.rsplit("/", 1)[1]
+
+
+def _download_state_dict(url: str, name: str, progress: bool) -> dict[str, Any]:
+    """torch.hub's cache (TORCH_HOME/hub/checkpoints), SHA-256 checked against the ``-<hash>`` in the file name,
+    loaded with weights_only=True."""
+    import pickle
+    import urllib.error
+
+    import torch.hub
+
+    from .convert import UnsafeWeightsError, refusal_reason
+
+    file_name = url.rsplit("/", 1)[1]
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+    todo = (f"Without network access: download {url} on another machine and either put it in {cache}/ or pass its "
+            f"path: create_model({name!r}, weights=\"/path/to/{file_name}\") (command line: --weights PATH).")
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=progress, check_hash=True,
+                                                  file_name=file_name, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeWeightsError(f"{os.path.join(cache, file_name)}: refused to load: it holds Python objects that "
+                                 f"could run code when unpickled ({refusal_reason(e)})") from None
+    except (urllib.error.URLError, OSError) as e:  # HTTPError is a URLError; timeouts and refusals are OSErrors
+        reason = getattr(e, "reason", None) or e
+        raise WeightsDownloadError(f"could not download the weights for {name} from {url}: {reason}. {todo}") from None
+    except RuntimeError as e:
+        if "hash" not in str(e):
+            raise
+        raise WeightsDownloadError(f"the weights downloaded for {name} from {url} are not the published file "
+                                   f"({e}); nothing was cached. {todo}") from None
+
+
+def _load_weights(model: nn.Module, name: str, weights: Any, weights_url: str | None, progress: bool) -> None:
+    from .convert import load_state_dict_file
+
+    if isinstance(weights, str) and weights.split(":", 1)[0] == "torchvision":
+        tag = weights.split(":", 1)[1] if ":" in weights else None
+        sd = _download_state_dict(torchvision_weights_url(name, tag, weights_url), name, progress)
+        source = f"torchvision's {tag or 'DEFAULT'} weights"
+    elif isinstance(weights, (str, os.PathLike)):
+        sd, source = load_state_dict_file(weights), os.fspath(weights)
+    else:
+        raise ValueError(f"weights must be None, 'torchvision', 'torchvision:TAG' or a file path; got {weights!r}")
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise ValueError(f"{source} do not fit {name}{model.model_kwargs or ''}: "
+                         f"{lines[1].strip() if len(lines) > 1 else e}") from None
+
+
+def create_model(name: str, weights: str | os.PathLike | None = None, *, weights_url: str | None = None,
+                 progress: bool = True, **overrides: Any) -> nn.Module:
     """Build a registered network. Overrides: num_classes, shortcut ("A" | "B" | "C"), stride_in ("1x1" | "3x3"),
-    zero_init_residual, depth (any 6n+2 for the CIFAR nets), in_channels, and the family's own arguments."""
+    zero_init_residual, depth (any 6n+2 for the CIFAR nets), in_channels, and the family's own arguments.
+
+    ``weights``: None (random initialisation); "torchvision" (or "torchvision:IMAGENET1K_V1" etc.) for torchvision's
+    published ImageNet weights, fetched once into torch.hub's cache (TORCH_HOME) and hash-checked; bottleneck nets
+    are then ResNet v1.5 (stride_in="3x3"). ``weights_url`` (or env RESNETS_WEIGHTS_URL) fetches them from a mirror
+    instead. Or a path to a weights file (``.pth`` read with weights_only=True, or ``.safetensors``).
+    """
     spec = get_spec(name)
     unknown = set(overrides) - _ALLOWED
     if unknown:
         raise ValueError(f"unknown argument(s) for {name}: {sorted(unknown)}; allowed: {sorted(_ALLOWED)}")
+    if isinstance(weights, str) and weights.split(":", 1)[0] == "torchvision":
+        if name not in TORCHVISION_WEIGHTS:
+            torchvision_weights_url(name)  # raises the ValueError listing what torchvision has
+        wanted = {"num_classes": 1000, "shortcut": "B", "residual": True, "in_channels": 3,
+                  "stride_in": "3x3" if spec.defaults.get("depth", 0) >= 50 else "1x1"}
+        clash = {k: overrides[k] for k in wanted if k in overrides and overrides[k] != wanted[k]}
+        clash.update({k: overrides[k] for k in ("depth", "groups", "width_per_group") if k in overrides})
+        if clash:
+            raise ValueError(f"torchvision's {name} weights need {name}'s torchvision architecture; drop {clash} "
+                             "(to fine-tune on other classes, replace model.fc after loading)")
+        if wanted["stride_in"] == "3x3":
+            overrides = {**overrides, "stride_in": "3x3"}
     kwargs = {**spec.defaults, **overrides}
     try:
         model = spec.builder(**kwargs)
@@ -105,4 +208,6 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         raise ValueError(f"{name}: {e}") from None
     model.model_name = name  # type: ignore[assignment]
     model.model_kwargs = {k: v for k, v in overrides.items()}  # type: ignore[assignment]
+    if weights is not None:
+        _load_weights(model, name, weights, weights_url, progress)
     return model

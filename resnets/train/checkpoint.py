@@ -94,6 +94,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, meta: dict[str
     shutil.rmtree(tmp, ignore_errors=True)
     tensors = model_weights(model)
     str_meta = {"format": FORMAT}
+    if "resnets_version" not in (meta or {}):  # every checkpoint says which resnets wrote it
+        from .. import __version__
+        meta = {**(meta or {}), "resnets_version": __version__}
     for k, v in (meta or {}).items():
         str_meta[k] = json.dumps(v)
     if preprocess:
@@ -138,8 +141,10 @@ def _load_pt(file: Path) -> dict[str, Any]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        from ..models.convert import refusal_reason
         raise CheckpointError(f"{file}: refused to load: it holds Python objects other than tensors and plain data, "
-                              f"which could run code when unpickled. Only weights-only checkpoints are loaded. ({e})".split("\n")[0]) from None
+                              f"which could run code when unpickled. Only weights-only checkpoints are loaded. "
+                              f"({refusal_reason(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{file}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
 
