@@ -12,6 +12,8 @@ through ``torch.load(weights_only=True)``: a pickle that would import code is re
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import pickle
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 FORMAT = "resnets-checkpoint/1"
@@ -73,9 +75,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
         os.fsync(f.fileno())
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of the tensors, in name order (safetensors has no checksum)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -104,13 +118,21 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, meta: dict[str
         for k, v in preprocess.items():
             if isinstance(v, torch.Tensor):
                 tensors[PREPROCESS_PREFIX + k] = v.detach().to("cpu").contiguous()
+    # Serialise in memory, then write plain bytes: a full disk then surfaces as one OSError (torch.save and
+    # safetensors report it in their own ways), and the checksums below cover exactly what reaches the disk.
+    state_bytes = None
+    if state is not None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        state_bytes = buf.getvalue()
+        str_meta["state_sha256"] = hashlib.sha256(state_bytes).hexdigest()
+    str_meta["weights_sha256"] = weights_digest(tensors)
+    weight_bytes = save(tensors, metadata=str_meta)
     try:
         tmp.mkdir()
-        save_file(tensors, tmp / WEIGHTS, metadata=str_meta)
-        _fsync_file(tmp / WEIGHTS)
-        if state is not None:
-            torch.save(state, tmp / STATE)
-            _fsync_file(tmp / STATE)
+        _write_synced(tmp / WEIGHTS, weight_bytes)
+        if state_bytes is not None:
+            _write_synced(tmp / STATE, state_bytes)
         _fsync_dir(tmp)
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}"
@@ -180,6 +202,9 @@ def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True) -> Chec
     preprocess: dict[str, Any] = {}
     if "preprocess_mode" in raw:
         preprocess["mode"] = json.loads(raw["preprocess_mode"])
+    if "weights_sha256" in raw and weights_digest(tensors) != raw["weights_sha256"]:
+        raise CheckpointError(f"{wfile}: checksum mismatch: the weights were damaged after they were written "
+                              "(e.g. a flipped bit); use an earlier checkpoint")
     weights = {}
     for k, v in tensors.items():
         if k.startswith(PREPROCESS_PREFIX):
@@ -188,6 +213,9 @@ def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True) -> Chec
             weights[k] = v
     state = None
     if with_state and p.is_dir() and (p / STATE).exists():
+        if "state_sha256" in raw and hashlib.sha256((p / STATE).read_bytes()).hexdigest() != raw["state_sha256"]:
+            raise CheckpointError(f"{p / STATE}: checksum mismatch: the training state was damaged after it was "
+                                  "written; use an earlier checkpoint")
         state = _load_pt(p / STATE)
     return Checkpoint(p, weights, meta, preprocess, state)
 
