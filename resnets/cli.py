@@ -3,6 +3,8 @@
     resnets models                     the model zoo with params, multiply-adds and the paper's errors
     resnets train --model resnet56 --recipe cifar-paper [--data DIR] [--steps N] [--out runs/NAME]
     resnets evaluate --checkpoint PATH [--data DIR]
+    resnets train --recipe imagenet-paper --data DIR            (DIR/train, DIR/val; under torchrun too)
+    resnets evaluate --checkpoint PATH --data DIR [--ten-crop | --multi-scale]    (ImageFolder checkpoints)
     resnets reproduce cifar10 [--preset demo|paper] [--depths 20,32,44,56] [--seeds N] [--out DIR]
     resnets analyze responses --checkpoint PLAIN --checkpoint RESNET [--data DIR] [--out fig7.png]
     resnets export --checkpoint PATH --format onnx|torchscript --out FILE [--opset N] [--dynamic-batch]
@@ -63,11 +65,12 @@ def model_kwargs(args: argparse.Namespace) -> dict:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="resnet20", help="a name from `resnets models` (default resnet20)")
+    p.add_argument("--model", help="a name from `resnets models` (default resnet20)")
     add_model_args(p)
     p.add_argument("--recipe", default="cifar-paper", help="named recipe (default cifar-paper, Sec. 4.2)")
     p.add_argument("--data", help="directory with the data set (else RESNETS_DATA, the cache, or a download)")
-    p.add_argument("--dataset", choices=["cifar10", "cifar100"])
+    p.add_argument("--dataset", choices=["cifar10", "cifar100", "imagefolder"],
+                   help="imagefolder: --data DIR holds DIR/train/CLASS/* and DIR/val/CLASS/* (imagenet recipes)")
     p.add_argument("--out", help="run directory (default runs/MODEL)")
     o = p.add_argument_group("recipe overrides")
     o.add_argument("--steps", type=int, help="iterations (the recipe's milestones are scaled to match)")
@@ -101,6 +104,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     d.add_argument("--no-cuda-graph", action="store_true", help="never capture the step in a CUDA graph")
     d.add_argument("--threads", type=int, help="CPU threads for torch")
+    d.add_argument("--sync-bn", action="store_true", default=None,
+                   help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)")
+    i = p.add_argument_group("ImageFolder data (--recipe imagenet-paper; Sec. 3.4)")
+    i.add_argument("--workers", type=int, help="DataLoader worker processes per rank (default 8)")
+    i.add_argument("--crop", type=int, help="training and test crop (default 224)")
+    i.add_argument("--resize-min", type=int, help="scale augmentation: shorter side from [min, max] (256)")
+    i.add_argument("--resize-max", type=int, help="(480)")
+    i.add_argument("--eval-resize", type=int, help="shorter side before the test centre crop (256)")
+    i.add_argument("--lighting", type=float, help="PCA colour augmentation strength (0.1; 0 disables)")
+    i.add_argument("--label-smoothing", type=float, help="not the paper (imagenet-modern uses 0.1)")
+    i.add_argument("--lr-schedule", choices=["step", "cosine"], help="not the paper: cosine (imagenet-modern)")
 
 
 def train_config(args: argparse.Namespace):
@@ -115,8 +129,13 @@ def train_config(args: argparse.Namespace):
         "checkpoint_every": args.checkpoint_every, "keep_last": args.keep_last, "resume": args.resume,
         "log_format": args.log_format, "tensorboard": args.tensorboard, "on_nan": args.on_nan,
         "device": args.device, "precision": args.precision, "compile": args.compile, "threads": args.threads,
-        "out": args.out or f"runs/{args.model}",
+        "out": args.out, "sync_bn": args.sync_bn, "workers": args.workers, "crop": args.crop,
+        "resize_min": args.resize_min, "resize_max": args.resize_max, "eval_resize": args.eval_resize,
+        "lighting": args.lighting, "label_smoothing": args.label_smoothing, "lr_schedule": args.lr_schedule,
     }
+    from .config import RECIPES
+    overrides["model"] = args.model or (RECIPES[args.recipe].model if args.recipe in RECIPES else "resnet20")
+    overrides["out"] = args.out or f"runs/{overrides['model']}"
     cfg = recipe(args.recipe, **overrides)
     changes = {}
     if args.no_warmup:
@@ -139,14 +158,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config(args)
     res = train(cfg)
     f = res.final
-    print(f"{cfg.model}: {res.step} steps in {res.seconds:.0f} s; {f.get('split', 'test')} error {f['error']:.2f}% "
-          f"(top-5 {f['top5_error']:.2f}%), last training error {res.train_error:.2f}%; run in {res.out}")
+    import os
+    if os.environ.get("RANK", "0") != "0":   # under torchrun, rank 0 reports
+        return 0
+    split = "val" if cfg.val_split or cfg.dataset == "imagefolder" else "test"
+    evaluated = (f"{split} error {f['error']:.2f}% (top-5 {f['top5_error']:.2f}%)" if "error" in f
+                 else "not evaluated (no val data)")
+    train_err = f"{res.train_error:.2f}%" if res.train_error is not None else "-"
+    print(f"{cfg.model}: {res.step} steps in {res.seconds:.0f} s; {evaluated}, last training error {train_err}; "
+          f"run in {res.out}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .train.evaluate import evaluate_checkpoint
+    from .train.loop import evaluate_imagefolder_checkpoint, is_imagefolder_checkpoint
 
+    if args.ten_crop or args.multi_scale or is_imagefolder_checkpoint(args.checkpoint):
+        protocol = "ten-crop" if args.ten_crop else "multi-scale" if args.multi_scale else "center"
+        r = evaluate_imagefolder_checkpoint(args.checkpoint, args.data, protocol=protocol, scales=args.scales,
+                                            flip=args.flip, device=args.device, subset=args.subset,
+                                            batch_size=args.batch_size, workers=args.workers)
+        print(f"{r['model']} (step {r['step']}) on {r['n']} val images, {r['protocol']}: top-1 error "
+              f"{r['error']:.2f}%, top-5 error {r['top5_error']:.2f}%, loss {r['loss']:.4f}")
+        return 0
     r = evaluate_checkpoint(args.checkpoint, args.data, device=args.device, subset=args.subset,
                             progress=not args.no_progress)
     print(f"{r['model']} (step {r['step']}) on {r['n']} test images: top-1 error {r['error']:.2f}%, "
@@ -225,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--subset", type=int, help="only the first N test images")
     e.add_argument("--no-progress", action="store_true")
+    ev = e.add_mutually_exclusive_group()
+    ev.add_argument("--ten-crop", action="store_true", help="ImageFolder checkpoints: 10-crop testing (Sec. 3.4)")
+    ev.add_argument("--multi-scale", action="store_true",
+                    help="ImageFolder checkpoints: fully-convolutional scores averaged over --scales (Sec. 3.4)")
+    e.add_argument("--scales", type=_csv_ints, help="shorter sides for --multi-scale (default 224,256,384,480,640)")
+    e.add_argument("--flip", action="store_true", help="--multi-scale: also average over horizontal flips")
+    e.add_argument("--batch-size", type=int, default=32, help="ImageFolder: images per batch (32)")
+    e.add_argument("--workers", type=int, default=4, help="ImageFolder: DataLoader worker processes (4)")
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("reproduce", help="the paper's CIFAR-10 experiments: degradation curves (Fig. 6), Table 6")

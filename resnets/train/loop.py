@@ -1,13 +1,26 @@
-"""The training loop of Section 4.2 (CIFAR) on one device: step, schedule, evaluation, logging, checkpoints.
+"""The training loop: Section 4.2 (CIFAR) and Section 3.4 (ImageNet), on one device or data-parallel under torchrun.
 
     resnets train --model resnet56 --recipe cifar-paper --data DIR --out runs/resnet56
     resnets train --model resnet20 --steps 400 --out runs/quick        # a few minutes on a laptop CPU
+    resnets train --recipe imagenet-paper --data IMAGENET --out runs/r50   # IMAGENET/train, IMAGENET/val
+    torchrun --nproc_per_node 8 -m resnets.cli train --recipe imagenet-paper --data IMAGENET --out runs/r50
 
 Python: ``resnets.train(resnets.config.recipe("cifar-paper", model="resnet110", steps=64000))``.
 
-Every batch is a pure function of (seed, step) (``DeviceLoader.batch``), and the checkpoint holds the weights,
-optimizer, warm-up state and step, so ``--resume`` continues exactly where a run stopped: the same weights and
-losses, bit for bit on the CPU, as a run that never stopped.
+One loop, two data sources (:class:`CifarSource`, :class:`ImageFolderSource`), both giving the batch of a step
+as a pure function of (seed, step):
+
+* CIFAR: the whole uint8 set on the device, ``DeviceLoader.batch(step)``. Under DDP every rank builds the global
+  batch of step k and takes its contiguous slice.
+* ImageFolder: a DataLoader (worker processes, pinned memory) over :class:`GlobalBatchSampler`, a
+  ``DistributedSampler`` whose epoch order is a permutation seeded by (seed, epoch); each rank takes its
+  contiguous slice of every global batch, and each sample's augmentation is seeded by (seed, epoch, index)
+  (:class:`SeededSamples`), so it does not depend on worker count, worker scheduling or where a run resumed.
+
+The checkpoint holds the weights, optimizer, warm-up state and step, so ``--resume`` continues exactly where a run
+stopped: the same weights and losses, bit for bit on the CPU, as a run that never stopped (a resumed ImageFolder
+run re-enters the epoch at the right batch without reading the batches already done). Under torchrun only rank 0
+writes logs and checkpoints; all ranks load the checkpoint it chose. See :mod:`resnets.train.distributed`.
 """
 from __future__ import annotations
 
@@ -19,7 +32,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +43,7 @@ from ..config import TrainConfig
 from ..data import DeviceLoader, Normalizer, load_cifar
 from ..models import create_model
 from . import checkpoint as ck
+from . import distributed as ddp
 from .runtime import Runtime, pick_runtime
 
 
@@ -42,8 +56,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 def learning_rate(cfg: TrainConfig, step: int, warming_up: bool) -> float:
-    """Step decay: lr * gamma^(number of milestones passed); the warm-up lr while warming up (ResNet-110)."""
+    """Step decay: lr * gamma^(number of milestones passed); the warm-up lr while warming up (ResNet-110).
+    ``lr_schedule="cosine"`` (not the paper; imagenet-modern): lr * (1 + cos(pi * step / steps)) / 2."""
     base = cfg.warmup_lr if warming_up else cfg.lr
+    if cfg.lr_schedule == "cosine" and not warming_up:
+        return float(base) * 0.5 * (1.0 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
+    if cfg.lr_schedule not in ("step", "cosine"):
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; choose step or cosine")
     return float(base) * cfg.gamma ** sum(step >= m for m in cfg.milestones)
 
 
@@ -125,8 +144,12 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, loader: DeviceLoader, rt: Runtime) -> dict[str, float]:
-    """Top-1 and top-5 error (%) and mean cross-entropy over every sample of ``loader``."""
+def evaluate_model(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], rt: Runtime, *,
+                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Top-1 and top-5 error (%) and mean cross-entropy over every sample of ``loader`` (batches on the device).
+
+    ``reduce``: sums a tensor over ranks in place (``DistContext.all_reduce_sum``) when each rank evaluates its
+    own shard; the counts are then those of the whole set."""
     was_training = model.training
     model.eval()
     n, loss_sum = 0, torch.zeros((), device=rt.device, dtype=torch.float64)
@@ -142,6 +165,11 @@ def evaluate_model(model: nn.Module, loader: DeviceLoader, rt: Runtime) -> dict[
         wrong5 += (~(top == y[:, None]).any(dim=1)).sum()
         n += y.numel()
     model.train(was_training)
+    if reduce is not None:
+        t = torch.stack([loss_sum, wrong1.double(), wrong5.double(),
+                         torch.tensor(float(n), dtype=torch.float64, device=rt.device)])
+        reduce(t)
+        loss_sum, wrong1, wrong5, n = t[0], t[1].round().long(), t[2].round().long(), int(round(t[3].item()))
     return {"error": 100.0 * wrong1.item() / n, "top5_error": 100.0 * wrong5.item() / n,
             "loss": loss_sum.item() / n, "n": n}
 
@@ -196,17 +224,27 @@ def find_resume(cfg: TrainConfig) -> Path | None:
     return p
 
 
-def make_eager_step(model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, skip_nonfinite: bool = False
+def make_eager_step(model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, skip_nonfinite: bool = False,
+                    *, label_smoothing: float = 0.0, all_finite: Callable[[torch.Tensor], bool] | None = None,
+                    backward_on_skip: bool = False
                     ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """One SGD step: forward, loss, backward, update. Returns (loss, wrong predictions) as device tensors.
-    With ``skip_nonfinite`` a NaN/inf loss returns before the update (the caller restores BN statistics)."""
+    With ``skip_nonfinite`` a NaN/inf loss returns before the update (the caller restores BN statistics);
+    ``all_finite(loss)`` decides that for all ranks together under DDP, where ``backward_on_skip`` still runs the
+    backward pass (DDP's gradient all-reduce expects one per forward) and then discards the gradients."""
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with rt.autocast():
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
-        if skip_nonfinite and not torch.isfinite(loss).item():
-            return loss.detach(), (logits.argmax(1) != y).sum()
+            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        if skip_nonfinite:
+            finite = all_finite(loss) if all_finite is not None else torch.isfinite(loss).item()
+            if not finite:
+                if backward_on_skip:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.zero_grad(set_to_none=True)
+                return loss.detach(), (logits.argmax(1) != y).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -216,13 +254,325 @@ def make_eager_step(model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runt
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Data sources: what the loop asks of its data. Both give the local batch of a global step as a pure function of
+# (seed, step), evaluation batches on the device (this rank's shard), and what a checkpoint must record.
+
+
+class CifarSource:
+    """CIFAR from :func:`resnets.data.load_cifar`, augmented on the device (Sec. 4.2). Under DDP each rank
+    builds the global batch of step k (``DeviceLoader.batch``) and keeps its contiguous slice; the test (or val)
+    images are split into contiguous shards, one per rank."""
+
+    def __init__(self, cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, data=None):
+        if data is None:
+            data = load_cifar(cfg.dataset, root=cfg.data, progress=cfg.progress and ctx.is_main)
+        self.eval_name = "test"
+        eval_images, eval_labels = data.test_images, data.test_labels
+        if cfg.val_split:
+            data, eval_images, eval_labels = data.split(cfg.val_split, seed=cfg.seed)
+            self.eval_name = "val"
+        if cfg.eval_subset:
+            eval_images, eval_labels = eval_images[:cfg.eval_subset], eval_labels[:cfg.eval_subset]
+        self.name, self.classes = data.name, list(data.classes)
+        self.train_size = len(data.train_labels)
+        self.ctx = ctx
+        self.local_batch = ddp.local_batch_size(cfg.batch_size, ctx)
+        self.normalizer = Normalizer(cfg.normalize, data.train_images)
+        self.loader = DeviceLoader(data.train_images, data.train_labels, cfg.batch_size, rt.device, train=True,
+                                   normalizer=self.normalizer, seed=cfg.seed, augment=cfg.augment,
+                                   channels_last=rt.channels_last)
+        if ctx.enabled and len(eval_labels) >= ctx.world_size:
+            lo, hi = _shard(len(eval_labels), ctx)
+            eval_images, eval_labels = eval_images[lo:hi], eval_labels[lo:hi]
+            self.sharded_eval = True
+        else:
+            self.sharded_eval = False
+        self.eval_loader = DeviceLoader(eval_images, eval_labels, max(cfg.batch_size, 500), rt.device, train=False,
+                                        normalizer=self.normalizer, channels_last=rt.channels_last)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.loader.batch(step)
+        if self.ctx.enabled:
+            lo = self.ctx.rank * self.local_batch
+            x, y = x[lo:lo + self.local_batch], y[lo:lo + self.local_batch]
+        return x, y
+
+    def preprocess(self) -> dict[str, Any]:
+        return preprocess_state(self.normalizer)
+
+    def close(self) -> None:
+        pass
+
+
+def _shard(n: int, ctx: ddp.DistContext) -> tuple[int, int]:
+    """Rank ``ctx.rank``'s contiguous share [lo, hi) of ``n`` items (shares differ by at most one)."""
+    return n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size
+
+
+class GlobalBatchSampler(torch.utils.data.distributed.DistributedSampler):
+    """A ``DistributedSampler`` whose order is defined per *global* batch, and which can start mid-epoch.
+
+    Epoch ``e`` (``set_epoch(e)``) permutes the dataset with a generator seeded by (seed, e), cuts it into
+    ``len // global_batch`` global batches (the rest is dropped) and yields rank ``r``'s contiguous slice
+    ``[r * B/N, (r + 1) * B/N)`` of each, from global batch ``start_batch`` on. So N ranks together see exactly
+    the batches one process with batch B sees, and a resumed run skips the batches already done without reading
+    them. Items are ``(epoch, index)`` pairs, for :class:`SeededSamples`. (torch's DistributedSampler deals
+    indices round-robin, ``perm[rank::N]``, which gives the same epochs but not the same per-step batches.)"""
+
+    def __init__(self, dataset, global_batch: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        if global_batch % num_replicas:
+            raise ValueError(f"global batch {global_batch} does not divide across {num_replicas} ranks")
+        self.global_batch, self.local_batch = global_batch, global_batch // num_replicas
+        self.steps_per_epoch = len(dataset) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(dataset)} training images give no full batch of {global_batch}")
+        self.start_batch = 0
+
+    def order(self, epoch: int) -> torch.Tensor:
+        from ..data.augment import _seed_for
+        g = torch.Generator().manual_seed(_seed_for(self.seed, 2, epoch))
+        return torch.randperm(len(self.dataset), generator=g)
+
+    def __iter__(self):
+        perm = self.order(self.epoch)
+        for k in range(self.start_batch, self.steps_per_epoch):
+            lo = k * self.global_batch + self.rank * self.local_batch
+            for i in perm[lo:lo + self.local_batch].tolist():
+                yield self.epoch, i
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_batch) * self.local_batch
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """``dataset[index]`` with torch's global RNG seeded by (seed, epoch, index) while the transform runs (and
+    restored after): the random augmentation of a sample depends only on which sample in which epoch, not on the
+    worker process that happens to load it. Keys are ``(epoch, index)``."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        from ..data.augment import _seed_for
+        epoch, index = key
+        state = torch.get_rng_state()
+        torch.manual_seed(_seed_for(self.seed, 3, epoch, index))
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(state)
+
+
+class _OnDevice:
+    """Iterate a DataLoader of CPU (pinned) batches, yielding them on the device in the run's memory format."""
+
+    def __init__(self, loader, rt: Runtime):
+        self.loader, self.rt = loader, rt
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield (x.to(self.rt.device, non_blocking=True).contiguous(memory_format=self.rt.memory_format),
+                   y.to(self.rt.device, non_blocking=True))
+
+
+def imagefolder_normalization(cfg_normalize: str) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
+    """(mean, std) in 0..255 units: the paper subtracts a mean only ("pixel-mean", approximated per channel by
+    the ImageNet mean, as resnets.data.imagefolder does); "channel" also divides by the ImageNet std."""
+    from ..data.imagefolder import IMAGENET_MEAN_255, IMAGENET_STD_255
+    if cfg_normalize == "pixel-mean":
+        return IMAGENET_MEAN_255, None
+    if cfg_normalize == "channel":
+        return IMAGENET_MEAN_255, IMAGENET_STD_255
+    raise ValueError(f"unknown normalize {cfg_normalize!r}; choose pixel-mean or channel")
+
+
+def imagefolder_dirs(data: str | os.PathLike | None) -> tuple[Path, Path | None]:
+    """``DIR/train`` and ``DIR/val`` (None if absent) of an ImageNet-layout directory."""
+    if data is None:
+        raise ValueError("ImageFolder training needs --data DIR, with DIR/train/CLASS/*.JPEG and DIR/val/CLASS/*.JPEG")
+    root = Path(data)
+    if not (root / "train").is_dir():
+        raise FileNotFoundError(f"--data {root}: no {root / 'train'} directory (expected DIR/train/CLASS/images "
+                                f"and DIR/val/CLASS/images, the ImageNet layout)")
+    return root / "train", (root / "val" if (root / "val").is_dir() else None)
+
+
+class ImageFolderSource:
+    """ImageNet-layout data (Sec. 3.4): ``DIR/train`` with the paper's augmentation, through a DataLoader with
+    ``cfg.workers`` worker processes per rank and pinned memory (on GPUs), over :class:`GlobalBatchSampler`;
+    evaluation on ``DIR/val`` with a single centre crop (shorter side ``eval_resize``, ``crop`` x ``crop``), each
+    rank evaluating a contiguous shard. ``batch(step)`` keeps one DataLoader iterator open along an epoch and
+    opens a new one (``set_epoch``, ``start_batch``) when a step is not the next one (a new epoch, a resume)."""
+
+    name = "imagefolder"
+    eval_name = "val"
+
+    def __init__(self, cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext):
+        from ..data.imagefolder import (ImageFolderDataset, make_loader, paper_train_transform,
+                                        standard_eval_transform)
+        train_dir, val_dir = imagefolder_dirs(cfg.data)
+        self.rt, self.ctx = rt, ctx
+        self.mean, self.std = imagefolder_normalization(cfg.normalize)
+        if cfg.augment:
+            tf = paper_train_transform(self.mean, self.std, min_size=cfg.resize_min, max_size=cfg.resize_max,
+                                       crop=cfg.crop, alphastd=cfg.lighting)
+        else:
+            tf = standard_eval_transform(cfg.eval_resize, cfg.crop, self.mean, self.std)
+        train_ds = ImageFolderDataset(train_dir, transform=tf, skip_bad_files=True)
+        self.classes = list(train_ds.classes)
+        self.train_size = len(train_ds)
+        self.local_batch = ddp.local_batch_size(cfg.batch_size, ctx)
+        self.sampler = GlobalBatchSampler(train_ds, cfg.batch_size, ctx.world_size, ctx.rank, cfg.seed)
+        self.loader = make_loader(SeededSamples(train_ds, cfg.seed), self.local_batch, train=True,
+                                  num_workers=cfg.workers, sampler=self.sampler, seed=cfg.seed,
+                                  pin_memory=rt.is_cuda)
+        self._it = None
+        self._next: tuple[int, int] | None = None
+        self.eval_loader: Iterable | None = None
+        self.sharded_eval = False
+        if val_dir is not None:
+            val_ds = ImageFolderDataset(val_dir, transform=standard_eval_transform(cfg.eval_resize, cfg.crop,
+                                                                                   self.mean, self.std),
+                                        skip_bad_files=True, allow_empty_classes=True)
+            if list(val_ds.classes) != self.classes:
+                raise ValueError(f"{val_dir} has {len(val_ds.classes)} class folders, {train_dir} has "
+                                 f"{len(self.classes)}; they must be the same (sorted) names")
+            n = min(len(val_ds), cfg.eval_subset) if cfg.eval_subset else len(val_ds)
+            lo, hi = (_shard(n, ctx) if ctx.enabled and n >= ctx.world_size else (0, n))
+            self.sharded_eval = ctx.enabled and n >= ctx.world_size
+            self.eval_loader = _OnDevice(make_loader(val_ds, self.local_batch, train=False, num_workers=cfg.workers,
+                                                     sampler=list(range(lo, hi)), persistent_workers=False,
+                                                     pin_memory=rt.is_cuda), rt)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, k = divmod(step, self.sampler.steps_per_epoch)
+        if self._it is None or self._next != (epoch, k):
+            self.sampler.set_epoch(epoch)
+            self.sampler.start_batch = k
+            self._it = iter(self.loader)
+        x, y = next(self._it)
+        self._next = (epoch, k + 1)
+        return (x.to(self.rt.device, non_blocking=True).contiguous(memory_format=self.rt.memory_format),
+                y.to(self.rt.device, non_blocking=True))
+
+    def preprocess(self) -> dict[str, Any]:
+        p: dict[str, Any] = {"mode": "subtract-mean-255", "mean": torch.tensor(self.mean, dtype=torch.float64)}
+        if self.std is not None:
+            p["std"] = torch.tensor(self.std, dtype=torch.float64)
+        return p
+
+    def close(self) -> None:
+        self._it = None
+
+
+def is_imagefolder_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` was written by an ImageFolder run (``resnets evaluate`` picks the val protocol by it)."""
+    try:
+        return ck.load_checkpoint(path, with_state=False).meta.get("dataset") == "imagefolder"
+    except ck.CheckpointError:
+        return False
+
+
+def _list_collate(batch):
+    return [b[0] for b in batch], torch.as_tensor([int(b[1]) for b in batch], dtype=torch.int64)
+
+
+@torch.no_grad()
+def evaluate_imagefolder_checkpoint(path: str | os.PathLike, data: str | os.PathLike | None, *,
+                                    protocol: str = "center", scales: Sequence[int] | None = None,
+                                    flip: bool = False, device: str = "auto", precision: str = "auto",
+                                    batch_size: int = 32, workers: int = 4, subset: int | None = None
+                                    ) -> dict[str, Any]:
+    """Top-1/top-5 error of an ImageFolder checkpoint on ``data/val`` (or ``data`` itself if it has no ``val``).
+
+    ``protocol``: ``"center"`` (shorter side ``eval_resize``, one ``crop`` x ``crop`` centre crop: what training
+    logs), ``"ten-crop"`` (Krizhevsky's 10 crops, softmax scores averaged; the paper's Tables 2-4 use it) or
+    ``"multi-scale"`` (fully-convolutional, whole images at ``scales``, default {224, 256, 384, 480, 640}, scores
+    averaged; Table 4/5's best results). Crop, resize and mean come from the checkpoint. ``loss`` is the mean
+    negative log of the (averaged) probability of the true class."""
+    from ..data.imagefolder import (ImageFolderDataset, SubtractMean, make_loader, multiscale_predict,
+                                    standard_eval_transform, ten_crop_predict)
+    if protocol not in ("center", "ten-crop", "multi-scale"):
+        raise ValueError(f"unknown protocol {protocol!r}; choose center, ten-crop or multi-scale")
+    c = ck.load_checkpoint(path, with_state=False)
+    if c.meta.get("dataset") != "imagefolder":
+        raise ck.CheckpointError(f"{c.path}: not an ImageFolder checkpoint (dataset {c.meta.get('dataset')!r}); "
+                                 "--ten-crop and --multi-scale apply to ImageNet-style runs")
+    if data is None:
+        raise ValueError("--data DIR is needed (DIR/val/CLASS/images, or DIR/CLASS/images)")
+    root = Path(data)
+    val_dir = root / "val" if (root / "val").is_dir() else root
+    conf = c.meta.get("config", {})
+    crop, resize = int(conf.get("crop", 224)), int(conf.get("eval_resize", 256))
+    mean, std = c.preprocess.get("mean"), c.preprocess.get("std")
+    model = ck.model_from_checkpoint(c)
+    rt = pick_runtime(device, precision)
+    model = model.to(rt.device, memory_format=rt.memory_format).eval()
+    transform = standard_eval_transform(resize, crop, mean, std) if protocol == "center" else None
+    ds = ImageFolderDataset(val_dir, transform=transform, skip_bad_files=True, allow_empty_classes=True)
+    if c.classes and list(ds.classes) != list(c.classes):
+        raise ck.CheckpointError(f"{c.path}: trained on {len(c.classes)} classes {c.classes[:3]}..., "
+                                 f"{val_dir} has {len(ds.classes)}: {ds.classes[:3]}...")
+    indices = list(range(min(len(ds), subset) if subset else len(ds)))
+    if protocol == "center":
+        loader = make_loader(ds, batch_size, train=False, num_workers=workers, sampler=indices,
+                             persistent_workers=False, pin_memory=rt.is_cuda)
+        metrics = evaluate_model(model, _OnDevice(loader, rt), rt)
+    else:
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=indices, num_workers=workers,
+                                             collate_fn=_list_collate)
+        normalize = SubtractMean(mean, std)
+        n, wrong1, wrong5, nll = 0, 0, 0, 0.0
+        for images, y in loader:
+            with rt.autocast():
+                if protocol == "ten-crop":
+                    scores = ten_crop_predict(model, images, crop, resize, normalize=normalize)
+                else:
+                    scores = multiscale_predict(model, images, tuple(scales or (224, 256, 384, 480, 640)),
+                                                flip=flip, normalize=normalize)
+            scores, y = scores.float().cpu(), y.cpu()
+            top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+            wrong1 += int((top[:, 0] != y).sum())
+            wrong5 += int((~(top == y[:, None]).any(dim=1)).sum())
+            nll += float(-scores.gather(1, y[:, None]).clamp_min(1e-12).log().sum())
+            n += y.numel()
+        metrics = {"error": 100.0 * wrong1 / n, "top5_error": 100.0 * wrong5 / n, "loss": nll / n, "n": n}
+    return {"checkpoint": str(c.path), "model": c.model_name, "step": c.step, "protocol": protocol, **metrics}
+
+
+def make_source(cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, data=None):
+    if cfg.dataset == "imagefolder":
+        if data is not None:
+            raise ValueError("data= is for CIFAR runs; ImageFolder runs read cfg.data")
+        return ImageFolderSource(cfg, rt, ctx)
+    if cfg.dataset not in ("cifar10", "cifar100"):
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; choose cifar10, cifar100 or imagefolder")
+    return CifarSource(cfg, rt, ctx, data)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The loop
 
 
 def train(cfg: TrainConfig, *, data=None, on_log: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train ``cfg.model`` with ``cfg``'s recipe; returns the final evaluation and where everything was written.
 
-    ``data``: a ready :class:`resnets.data.CifarData` (e.g. shared across the runs of an experiment)."""
+    ``data``: a ready :class:`resnets.data.CifarData` (e.g. shared across the runs of an experiment).
+    Launched by torchrun (``WORLD_SIZE`` > 1), the process joins the process group, trains its share of every
+    global batch under DistributedDataParallel and leaves the group at the end."""
+    ctx, device = ddp.setup(cfg.device)
+    try:
+        return _train(cfg, ctx, device, data, on_log)
+    finally:
+        ddp.teardown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
+           on_log: Callable[[dict[str, Any]], None] | None) -> TrainResult:
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -230,10 +580,14 @@ def train(cfg: TrainConfig, *, data=None, on_log: Callable[[dict[str, Any]], Non
         raise ValueError(f"on_nan must be 'stop' or 'skip', got {cfg.on_nan!r}")
     if cfg.steps <= 0 or cfg.batch_size <= 0:
         raise ValueError("steps and batch_size must be positive")
-    rt = pick_runtime(cfg.device, cfg.precision, cfg.channels_last)
+    main = ctx.is_main
+    rt = pick_runtime(device, cfg.precision, cfg.channels_last)
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     resume_from = find_resume(cfg)
+    if ctx.enabled:   # every rank loads the checkpoint rank 0 chose (--out must be visible to all ranks)
+        chosen = ctx.broadcast_object(str(resume_from) if resume_from is not None else None)
+        resume_from = Path(chosen) if chosen is not None else None
     resume = ck.load_checkpoint(resume_from) if resume_from else None
     if resume is not None:
         if resume.state is None:
@@ -242,33 +596,20 @@ def train(cfg: TrainConfig, *, data=None, on_log: Callable[[dict[str, Any]], Non
             raise ck.CheckpointError(f"{resume.path}: is a checkpoint of {resume.model_name}, "
                                      f"but this run trains {cfg.model}")
 
-    # data: the whole uint8 set on the device, augmented there
-    if data is None:
-        data = load_cifar(cfg.dataset, root=cfg.data, progress=cfg.progress)
-    eval_name = "test"
-    eval_images, eval_labels = data.test_images, data.test_labels
-    if cfg.val_split:
-        data, eval_images, eval_labels = data.split(cfg.val_split, seed=cfg.seed)
-        eval_name = "val"
-    if cfg.eval_subset:
-        eval_images, eval_labels = eval_images[:cfg.eval_subset], eval_labels[:cfg.eval_subset]
+    source = make_source(cfg, rt, ctx, data)
     if cfg.epochs:
         from ..config import RECIPES, scale_milestones
-        steps = max(1, math.ceil(cfg.epochs * (len(data.train_labels) // cfg.batch_size)))
+        steps = max(1, math.ceil(cfg.epochs * (source.train_size // cfg.batch_size)))
         base = RECIPES.get(cfg.recipe)
         milestones = scale_milestones(_with(base, milestones=cfg.milestones), steps) if base is not None \
             and cfg.milestones == base.milestones else cfg.milestones
         cfg = _with(cfg, steps=steps, milestones=milestones, epochs=None)
-    normalizer = Normalizer(cfg.normalize, data.train_images)
-    train_loader = DeviceLoader(data.train_images, data.train_labels, cfg.batch_size, rt.device, train=True,
-                                normalizer=normalizer, seed=cfg.seed, augment=cfg.augment,
-                                channels_last=rt.channels_last)
-    eval_loader = DeviceLoader(eval_images, eval_labels, max(cfg.batch_size, 500), rt.device, train=False,
-                               normalizer=normalizer, channels_last=rt.channels_last)
 
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=len(data.classes), **cfg.model_kwargs)
+    model = create_model(cfg.model, num_classes=len(source.classes), **cfg.model_kwargs)
     model = model.to(rt.device, memory_format=rt.memory_format)
+    if cfg.sync_bn and ctx.enabled:
+        model = ddp.convert_sync_batchnorm(model, rt.device).to(rt.device, memory_format=rt.memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     warmup_lr = resolve_warmup(cfg, model)
@@ -284,33 +625,54 @@ def train(cfg: TrainConfig, *, data=None, on_log: Callable[[dict[str, Any]], Non
         recent_wrong.extend(st.get("recent_wrong", []))
         _set_rng_state(st["rng"], rt)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
-    log = RunLog(out, cfg.log_format, cfg.tensorboard, start if resume is not None else None)
-    meta_base = {"model": cfg.model, "model_kwargs": {"num_classes": len(data.classes), **cfg.model_kwargs},
-                 "classes": data.classes, "dataset": data.name, "config": cfg.to_dict(),
-                 "resnets_version": __version__, "torch_version": torch.__version__}
+    log = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
+        log = RunLog(out, cfg.log_format, cfg.tensorboard, start if resume is not None else None)
+    meta_base = {"model": cfg.model, "model_kwargs": {"num_classes": len(source.classes), **cfg.model_kwargs},
+                 "classes": source.classes, "dataset": source.name, "config": cfg.to_dict(),
+                 "world_size": ctx.world_size, "resnets_version": __version__, "torch_version": torch.__version__}
 
-    fwd_model = torch.compile(model) if cfg.compile else model
-    step_fn = make_eager_step(fwd_model, optimizer, rt, skip_nonfinite=cfg.on_nan == "skip")
-    from .graphs import maybe_graph_step  # whole-step CUDA graph on GPUs; eager everywhere else
-    step_fn = maybe_graph_step(cfg, model, optimizer, rt, train_loader, step_fn)
+    def all_finite(loss: torch.Tensor) -> bool:
+        bad = (~torch.isfinite(loss.detach().float())).float().reshape(1)
+        return ctx.all_reduce_sum(bad).item() == 0
 
-    def save(step: int, metrics: dict[str, Any] | None, path: Path | None = None) -> Path:
+    fwd_model: nn.Module = ddp.wrap_ddp(model, ctx, rt.device) if ctx.enabled else model
+    if cfg.compile:
+        fwd_model = torch.compile(fwd_model)
+    step_fn = make_eager_step(fwd_model, optimizer, rt, skip_nonfinite=cfg.on_nan == "skip",
+                              label_smoothing=cfg.label_smoothing, all_finite=all_finite if ctx.enabled else None,
+                              backward_on_skip=ctx.enabled)
+    if not ctx.enabled and cfg.label_smoothing == 0:
+        # whole-step CUDA graph on one GPU (its captured step knows neither DDP's all-reduce nor label smoothing)
+        from .graphs import maybe_graph_step
+        step_fn = maybe_graph_step(cfg, model, optimizer, rt, source, step_fn)
+
+    def save(step: int, metrics: dict[str, Any] | None, path: Path | None = None) -> Path | None:
+        if not main:
+            return None
         state = {"step": step, "optimizer": optimizer.state_dict(), "warming_up": warming,
                  "recent_wrong": list(recent_wrong), "best": best, "rng": _rng_state(rt)}
         meta = {**meta_base, "step": step, "metrics": metrics}
         return ck.save_checkpoint(path or ckpt_dir / f"step-{step:08d}", model, meta=meta,
-                                  preprocess=preprocess_state(normalizer), state=state)
+                                  preprocess=source.preprocess(), state=state)
 
     def emit(record: dict[str, Any]) -> None:
+        if not main:
+            return
         log.write(record)
         if on_log is not None:
             on_log(record)
 
+    def evaluate() -> dict[str, float]:
+        ctx.broadcast_buffers(model)   # rank 0's BN statistics everywhere: the ones its checkpoint holds
+        return evaluate_model(model, source.eval_loader, rt,
+                              reduce=ctx.all_reduce_sum if source.sharded_eval else None)
+
     last_good = resume.path if resume is not None else None
     bar = None
-    if cfg.progress:
+    if cfg.progress and main:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc=cfg.model, unit="step", dynamic_ncols=True)
     model.train()
@@ -325,12 +687,13 @@ def train(cfg: TrainConfig, *, data=None, on_log: Callable[[dict[str, Any]], Non
             lr = learning_rate(cfg_w, step, warming)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            x, y = train_loader.batch(step)
+            x, y = source.batch(step)
             if cfg.on_nan == "skip":
                 saved = [b.clone() for b in model.buffers()]
             loss, wrong = step_fn(x, y)
             if check_each_step:
-                if cfg.on_nan == "skip" and not math.isfinite(loss.item()):
+                finite = all_finite(loss) if ctx.enabled else math.isfinite(loss.item())
+                if cfg.on_nan == "skip" and not finite:
                     # No update was applied; the forward pass did move the BN running statistics: put them back.
                     with torch.no_grad():
                         for b, s in zip(model.buffers(), saved):
@@ -339,7 +702,11 @@ def train(cfg: TrainConfig, *, data=None, on_log: Callable[[dict[str, Any]], Non
                     emit({"step": step + 1, "split": "event", "event": f"skipped step {step + 1}: loss {loss.item()}"})
                     loss, wrong = None, None
                 elif warming:
-                    recent_wrong.append(wrong.item() / y.numel())
+                    if ctx.enabled:   # the warm-up test must see the global batch, so all ranks switch together
+                        w = ctx.all_reduce_sum(wrong.double().reshape(1)).item()
+                        recent_wrong.append(w / (y.numel() * ctx.world_size))
+                    else:
+                        recent_wrong.append(wrong.item() / y.numel())
                     if len(recent_wrong) == recent_wrong.maxlen and sum(recent_wrong) / len(recent_wrong) < cfg.warmup_until_error \
                             or step + 1 >= cfg.warmup_max_steps:
                         warming = False
@@ -350,7 +717,16 @@ def train(cfg: TrainConfig, *, data=None, on_log: Callable[[dict[str, Any]], Non
                 seen += y.numel()
             done = step + 1
             if (done % cfg.log_every == 0 or done == cfg.steps) and seen:
-                loss_mean = loss_acc.item() / (seen / y.numel())
+                n_steps = seen / y.numel()
+                if ctx.enabled:   # the log shows the global batch: sums over ranks
+                    t = ctx.all_reduce_sum(torch.stack([loss_acc.double(), wrong_acc.double(),
+                                                        torch.tensor(float(seen), dtype=torch.float64,
+                                                                     device=rt.device)]))
+                    loss_mean = t[0].item() / (n_steps * ctx.world_size)
+                    wrong_all, seen_all = t[1].item(), t[2].item()
+                else:
+                    loss_mean = loss_acc.item() / n_steps
+                    wrong_all, seen_all = wrong_acc.item(), seen
                 if not math.isfinite(loss_mean):
                     raise NonFiniteLossError(
                         f"the training loss became {loss_mean} between steps {done - seen // y.numel()} and {done}; "
@@ -360,19 +736,19 @@ def train(cfg: TrainConfig, *, data=None, on_log: Callable[[dict[str, Any]], Non
                     torch.cuda.synchronize(rt.device)
                 dt = time.perf_counter() - t_log
                 last_train = {"step": done, "split": "train", "loss": loss_mean,
-                              "error": 100.0 * wrong_acc.item() / seen, "lr": lr, "img_per_s": seen / dt,
+                              "error": 100.0 * wrong_all / seen_all, "lr": lr, "img_per_s": seen_all / dt,
                               "elapsed_s": time.perf_counter() - t_start}
                 emit(last_train)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_mean:.3f}", err=f"{last_train['error']:.1f}%",
-                                    img_s=f"{seen / dt:.0f}")
+                                    img_s=f"{seen_all / dt:.0f}")
                 loss_acc.zero_()
                 wrong_acc.zero_()
                 seen, t_log = 0, time.perf_counter()
             metrics = None
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                metrics = evaluate_model(model, eval_loader, rt)
-                final = {"step": done, "split": eval_name, **metrics, "elapsed_s": time.perf_counter() - t_start}
+            if (done % cfg.eval_every == 0 or done == cfg.steps) and source.eval_loader is not None:
+                metrics = evaluate()
+                final = {"step": done, "split": source.eval_name, **metrics, "elapsed_s": time.perf_counter() - t_start}
                 emit(final)
                 if best is None or metrics["error"] < best["error"]:
                     best = {"step": done, **metrics}
@@ -380,22 +756,27 @@ def train(cfg: TrainConfig, *, data=None, on_log: Callable[[dict[str, Any]], Non
                         save(done, metrics, ckpt_dir / "best")
                 t_log = time.perf_counter()
             if cfg.checkpoint_every > 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                last_good = save(done, metrics)
-                ck.prune_checkpoints(ckpt_dir, cfg.keep_last)
+                last_good = save(done, metrics) or last_good
+                if main:
+                    ck.prune_checkpoints(ckpt_dir, cfg.keep_last)
                 t_log = time.perf_counter()
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-        log.close()
+        if log is not None:
+            log.close()
+        source.close()
     result = TrainResult(out, cfg.steps, {k: v for k, v in final.items() if k not in ("split",)}, best,
                          last_train.get("error"), last_train.get("loss"), time.perf_counter() - t_start)
-    (out / "summary.json").write_text(json.dumps({"model": cfg.model, "steps": cfg.steps, "final": result.final,
-                                                  "best": best, "train_error": result.train_error,
-                                                  "train_loss": result.train_loss, "seconds": result.seconds,
-                                                  "runtime": rt.describe(), "skipped_steps": skipped},
-                                                 indent=1) + "\n")
+    if main:
+        (out / "summary.json").write_text(json.dumps({"model": cfg.model, "steps": cfg.steps, "final": result.final,
+                                                      "best": best, "train_error": result.train_error,
+                                                      "train_loss": result.train_loss, "seconds": result.seconds,
+                                                      "runtime": rt.describe(), "world_size": ctx.world_size,
+                                                      "skipped_steps": skipped}, indent=1) + "\n")
+    ctx.barrier()   # rank 0's last checkpoint is complete before any rank returns
     return result
 
 
