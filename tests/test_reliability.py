@@ -127,7 +127,7 @@ def test_disk_full_while_checkpointing(tiny_cifar, tmp_path):
         c = load_checkpoint(disk / "run/checkpoints/step-00000003")
         assert c.step == 3 and c.state["step"] == 3
     finally:
-        subprocess.run(["umount", str(disk)], check=False)
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def _tree_digest(path: Path) -> dict:
@@ -203,3 +203,39 @@ def test_corrupt_checkpoints_name_the_file_and_overwrite_nothing(tiny_cifar, tmp
         with pytest.raises(CheckpointError, match="model.safetensors"):
             load_checkpoint(f.parent)
     assert load_checkpoint(newest).step == 6
+
+
+@pytest.mark.slow
+def test_torchrun_max_restarts_resumes_after_a_killed_worker(tiny_cifar, tmp_path):
+    """Promise 5: under torchrun --max-restarts, a worker killed mid-run is restarted and training resumes from the
+    last checkpoint, ending with the same weights as an unbroken run (CPU, gloo)."""
+    import socket
+
+    def torchrun(out, **popen):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(port), *train_cmd(tiny_cifar, out, 12)[1:],
+               "--device", "cpu"]
+        return subprocess.Popen(cmd, env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, **popen)
+
+    ref = torchrun(tmp_path / "unbroken")
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()[-3000:]
+    run = tmp_path / "killed"
+    p = torchrun(run)
+    deadline = time.time() + 300
+    while last_logged_step(run) < 5:
+        assert p.poll() is None and time.time() < deadline, p.stdout.read()[-3000:] if p.poll() is not None else ""
+        time.sleep(0.02)
+    workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[1]), signal.SIGKILL)                 # rank 1 dies mid-run
+    killed_at = last_logged_step(run)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, out[-3000:]
+    assert int(killed_at) < 12
+    a, b = final_weights(tmp_path / "unbroken", 12), final_weights(run, 12)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(tmp_path / "unbroken") == train_losses(run)
