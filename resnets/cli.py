@@ -9,6 +9,7 @@
     resnets analyze responses --checkpoint PLAIN --checkpoint RESNET [--data DIR] [--out fig7.png]
     resnets export --checkpoint PATH --format onnx|torchscript --out FILE [--opset N] [--dynamic-batch]
     resnets predict --checkpoint PATH IMAGE... [--top-k 5] [--json]
+    resnets bench [--device cpu|cuda] [--cases ...] [--json FILE]
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a name from `resnets models` (default resnet20)")
+    p.add_argument("--config", help="a JSON config, e.g. a run's config.json; the flags given override it")
     add_model_args(p)
     p.add_argument("--recipe", default="cifar-paper", help="named recipe (default cifar-paper, Sec. 4.2)")
     p.add_argument("--data", help="directory with the data set (else RESNETS_DATA, the cache, or a download)")
@@ -120,6 +122,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def train_config(args: argparse.Namespace):
     from .config import recipe
 
+    args.model_kwargs_given = bool(model_kwargs(args))
     overrides = {
         "model": args.model, "model_kwargs": model_kwargs(args), "data": args.data, "dataset": args.dataset,
         "steps": args.steps, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
@@ -133,10 +136,19 @@ def train_config(args: argparse.Namespace):
         "resize_min": args.resize_min, "resize_max": args.resize_max, "eval_resize": args.eval_resize,
         "lighting": args.lighting, "label_smoothing": args.label_smoothing, "lr_schedule": args.lr_schedule,
     }
-    from .config import RECIPES
-    overrides["model"] = args.model or (RECIPES[args.recipe].model if args.recipe in RECIPES else "resnet20")
-    overrides["out"] = args.out or f"runs/{overrides['model']}"
-    cfg = recipe(args.recipe, **overrides)
+    if args.config:
+        import dataclasses
+
+        from .config import TrainConfig
+        base = TrainConfig.load(args.config)
+        if not args.model_kwargs_given:
+            overrides.pop("model_kwargs")
+        cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    else:
+        from .config import RECIPES
+        overrides["model"] = args.model or (RECIPES[args.recipe].model if args.recipe in RECIPES else "resnet20")
+        overrides["out"] = args.out or f"runs/{overrides['model']}"
+        cfg = recipe(args.recipe, **overrides)
     changes = {}
     if args.no_warmup:
         changes["warmup_lr"] = None
@@ -241,6 +253,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    if args.list:
+        for c in bench.CASES.values():
+            print(f"{c.name:16s} {c.what:5s} batch {c.batch}  {c.note}")
+        return 0
+    return bench.main(args.device, args.cases, json_path=args.json, threads=args.threads, repeats=args.repeats,
+                      warmup=args.warmup, iters=args.iters, compile=args.compile, smoke=args.smoke)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resnets", description="Deep residual networks (He et al. 2015).")
     p.add_argument("--version", action="version", version=f"resnets {__import__('resnets').__version__}")
@@ -314,6 +337,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="JSON output")
     pr.add_argument("--device", default="cpu")
     pr.set_defaults(func=cmd_predict)
+    b = sub.add_parser("bench", help="throughput of our training step and inference vs torchvision/timm")
+    b.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    b.add_argument("--cases", nargs="+", metavar="CASE", help="cases to run (default: the device's; --list)")
+    b.add_argument("--list", action="store_true", help="list the cases and exit")
+    b.add_argument("--json", metavar="FILE", help="also write every timing and the machine details as JSON")
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, recorded in the output)")
+    b.add_argument("--repeats", type=int, help="timed repeats per implementation (CPU 5, GPU 7)")
+    b.add_argument("--warmup", type=int, help="untimed iterations first (CPU 2, GPU 10)")
+    b.add_argument("--iters", type=int, help="iterations per timed repeat (CPU 1, GPU 20)")
+    b.add_argument("--compile", choices=["auto", "inductor", "jit", "none"], default="auto",
+                   help="compiler of our inference model (auto: inductor)")
+    b.add_argument("--smoke", action="store_true", help="tiny nets and batches: checks the benchmark itself")
+    b.set_defaults(func=cmd_bench)
     return p
 
 
@@ -337,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except BrokenPipeError:  # e.g. `resnets models | head`
         return 0
+    except OSError as e:  # disk full, permissions: say which file, no traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"resnets {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"resnets {args.command}: interrupted", file=sys.stderr)
         return 130

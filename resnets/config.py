@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -84,11 +86,50 @@ class TrainConfig:
             raise ValueError(f"unknown config field(s): {sorted(unknown)}")
         d = dict(d)
         if "milestones" in d:
+            if not isinstance(d["milestones"], (list, tuple)):
+                raise ValueError(f"milestones must be a list of steps, got {d['milestones']!r}")
             d["milestones"] = tuple(d["milestones"])
         return cls(**d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainConfig":
+        """A config from a JSON file (e.g. a run's ``config.json``); errors name the file and the problem."""
+        p = Path(path)
+        try:
+            text = p.read_bytes().decode("utf-8")
+        except OSError as e:
+            raise ValueError(f"{p}: cannot read config ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not a JSON text file ({e.reason} at byte {e.start})") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{p}: expected a JSON object of config fields, found {type(d).__name__}")
+        try:
+            cfg = cls.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{p}: {e}") from None
+        cfg.validate(source=str(p))
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        """Type and range checks, so a damaged config fails here and not hours into a run."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("steps", "batch_size", "log_every") and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ValueError(f"{source}: {f.name} must be a positive integer, got {v!r}")
+            if f.name in ("lr", "momentum", "weight_decay", "gamma") and (
+                    not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
+                raise ValueError(f"{source}: {f.name} must be a non-negative number, got {v!r}")
+        if not isinstance(self.model, str) or not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"{source}: model must be a name and model_kwargs an object")
+        if not all(isinstance(m, int) and not isinstance(m, bool) for m in self.milestones):
+            raise ValueError(f"{source}: milestones must be integers, got {list(self.milestones)!r}")
 
 
 # Section 4.2: "weight decay of 0.0001 and momentum of 0.9 ... mini-batch size of 128 ... learning rate of 0.1,
