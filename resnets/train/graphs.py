@@ -8,6 +8,10 @@ float inside torch's SGD, so a new graph is captured when the schedule changes i
 Where a captured step does not apply (CPU, ``on_nan="skip"``, which needs a host-side decision inside the step),
 or capture fails, training runs the eager step; ``StaticStep(capture=False)`` is the same logic without a graph,
 which is how the CPU tests check it against the eager step.
+
+``StaticStep(compile=True)`` runs a ``torch.compile``d forward (inductor: BN + ReLU + add fused into fewer kernels)
+inside the captured step. It is an option for ``benchmarks/gpu_suite.py --compile-in-graph``, not used by training,
+and unmeasured so far. Timings and the eager-vs-graph loss check: ``benchmarks/gpu_suite.sh``, docs/performance.md.
 """
 from __future__ import annotations
 
@@ -26,14 +30,21 @@ class StaticStep:
 
     The first ``warmup`` calls run eagerly (on a side stream when capturing, as CUDA graphs require) and are real
     training steps; later calls replay the graph, capturing a new one whenever the learning rate changed.
+    At least one warm-up step is needed when capturing: it creates the optimizer's momentum buffers (SGD's first
+    step clones the gradient, which a replayed graph would redo every step) and lets cuDNN pick its algorithms.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, autocast, batch_shape: tuple[int, ...],
-                 device: torch.device, memory_format: torch.memory_format, capture: bool, warmup: int = 3):
+                 device: torch.device, memory_format: torch.memory_format, capture: bool, warmup: int = 3,
+                 compile: bool = False):
+        if capture and warmup < 1:
+            raise ValueError("a captured step needs warmup >= 1 (optimizer state and cuDNN algorithms)")
         self.model, self.optimizer, self.autocast = model, optimizer, autocast
+        self.forward = torch.compile(model) if compile else model
         self.capture = capture
         self.warmup = warmup
         self.calls = 0
+        self.replays = 0
         self.x = torch.zeros(batch_shape, device=device).contiguous(memory_format=memory_format)
         self.y = torch.zeros(batch_shape[0], device=device, dtype=torch.int64)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -44,7 +55,7 @@ class StaticStep:
 
     def _body(self) -> None:
         with self.autocast():
-            logits = self.model(self.x)
+            logits = self.forward(self.x)
             loss = F.cross_entropy(logits, self.y)
         loss.backward()
         self.optimizer.step()
@@ -66,8 +77,11 @@ class StaticStep:
         self.captures += 1
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.x.copy_(x)
-        self.y.copy_(y)
+        # A caller may fill the static buffers itself (``DeviceLoader.batch(step, out=(static.x, static.y))``).
+        if x is not self.x:
+            self.x.copy_(x)
+        if y is not self.y:
+            self.y.copy_(y)
         self.calls += 1
         if not self.capture:
             self._eager()
@@ -82,6 +96,7 @@ class StaticStep:
         if self.graph is None or self.optimizer.param_groups[0]["lr"] != self.graph_lr:
             self._capture()
         self.graph.replay()
+        self.replays += 1
         # Outputs of a graph are overwritten by the next replay: hand out copies.
         return self.loss.clone(), self.wrong.clone()
 
@@ -114,10 +129,14 @@ def maybe_graph_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer, rt
         try:
             return static(x, y)
         except RuntimeError as e:  # capture failed: an op that cannot be captured; keep training eagerly
-            warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0]}); training eagerly")
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            warnings.warn(f"CUDA graph capture failed ({why}); training eagerly")
             static = None
+            step.static, step.fallback = None, why  # type: ignore[attr-defined]
             torch.cuda.synchronize()
             return eager_step(x, y)
 
-    step.static = static  # type: ignore[attr-defined]
+    # ``step.static`` is the StaticStep while the graph is in use (None after a fallback, with ``step.fallback``
+    # saying why), so callers such as the benchmarks can tell what actually ran.
+    step.static, step.fallback = static, None  # type: ignore[attr-defined]
     return step
