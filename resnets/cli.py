@@ -210,7 +210,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         overrides["milestones"] = recipe("cifar-paper", steps=args.steps).milestones
     out = args.out or f"runs/reproduce-cifar10-{args.preset}"
     res = run_experiment(args.preset, depths=args.depths, nets=args.nets, seeds=args.seeds, out=out,
-                         data=args.data, overrides=overrides, progress=not args.no_progress)
+                         data=args.data, overrides=overrides, progress=not args.no_progress, workers=args.workers)
     print()
     print((Path(out) / "results.md").read_text().split("## What the numbers show")[0].rstrip())
     print("\nWhat the numbers show:")
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reproduce", help="the paper's CIFAR-10 experiments: degradation curves (Fig. 6), Table 6")
     r.add_argument("dataset", choices=["cifar10"])
     r.add_argument("--preset", choices=["demo", "paper"], default="demo",
-                   help="demo: 20/56-layer nets, 500 steps (CPU, minutes); paper: Sec. 4.2's 64k-step recipe (GPU)")
+                   help="demo: 20/56-layer nets, 250 steps (CPU, ~12 min); paper: Sec. 4.2's 64k-step recipe (GPU)")
     r.add_argument("--depths", type=_csv_ints, help="comma-separated 6n+2 depths, e.g. 20,32,44,56")
     r.add_argument("--nets", type=lambda t: [x for x in t.split(",") if x], help="plain,resnet (default both)")
     r.add_argument("--seeds", type=int, help="runs per net (mean and std are reported)")
@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", help="directory with CIFAR-10 (else RESNETS_DATA, the cache, or a download)")
     r.add_argument("--out", help="output directory (default runs/reproduce-cifar10-PRESET)")
     r.add_argument("--device", help="auto (default), cpu, cuda")
+    r.add_argument("--workers", type=int, help="runs trained at once (default: one per CPU core; 1 on a GPU)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=cmd_reproduce)
 
