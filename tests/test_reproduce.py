@@ -60,6 +60,8 @@ def test_interpretation_follows_the_numbers():
     assert "has not yet overtaken" in shows[2]
     absent = interpret({**base, "table": table(70.0, 65.0, 60.0, 64.0)})
     assert "does NOT show" in absent[0] and "only slightly" in absent[1]
+    close = interpret({**base, "table": table(63.8, 79.5, 60.6, 59.2)})
+    assert "too close to call" in close[2]
 
 
 def test_response_layers_are_the_3x3_bns():
