@@ -139,9 +139,12 @@ def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = 
                      "best_test_error": (summary.get("best") or {}).get("error"),
                      "seconds": summary["seconds"], "runtime": summary.get("runtime"),
                      "params": _params(net, depth), "curves": _curves(run_dir)})
-    n_workers, threads = plan_workers(max(1, len(todo)), rt, workers)
+    n_workers, threads = plan_workers(len(jobs), rt, workers)
     runtime = rt.describe() if rt.is_cuda else \
         f"CPU, {os.cpu_count()} cores; {n_workers} run(s) at a time with {threads} thread(s) each; fp32, channels_last"
+    ran_on = sorted({r["runtime"] for r in runs if r.get("runtime")})
+    if ran_on:
+        runtime += f" (runs report: {'; '.join(ran_on)})"
     results = {
         "preset": p.name, "note": p.note, "depths": list(depths), "nets": list(nets), "seeds": seeds,
         "config": replace(p.config, **(overrides or {})).to_dict(), "runtime": runtime,
@@ -305,7 +308,8 @@ def results_markdown(results: dict[str, Any]) -> str:
              f"- Hardware: {results['runtime']}; torch {results['torch']}; {results['date']}; "
              f"wall time of this invocation {results['wall_seconds'] and round(results['wall_seconds'])} s"
              f"{' (runs reused from an earlier invocation: ' + str(results['reused']) + ')' if results.get('reused') else ''}; "
-             f"training time of the runs {round(sum(r['seconds'] for r in results['runs']))} s.",
+             f"the runs' own times add up to {round(sum(r['seconds'] for r in results['runs']))} s "
+             f"(they overlap when runs train side by side).",
              f"- Data: {results['data_source']}", "",
              "Training error is measured on the augmented training batches of the last "
              f"{cfg['log_every']} iterations; test error on {results['runs'][0]['test_images']} test images.", "",
