@@ -215,9 +215,11 @@ def test_torchrun_max_restarts_resumes_after_a_killed_worker(tiny_cifar, tmp_pat
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(port), *train_cmd(tiny_cifar, out, 12)[1:],
-               "--device", "cpu"]
+        # The c10d rendezvous (not the static master address) is the one built for restarts: each restart forms
+        # a new round with fresh gloo connections.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--max-restarts", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+               *train_cmd(tiny_cifar, out, 12)[1:], "--device", "cpu"]
         return subprocess.Popen(cmd, env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, **popen)
 

@@ -67,7 +67,24 @@ def make_shortcut(option: str, in_planes: int, out_planes: int, stride: int) -> 
     return None
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    """y = relu(F(x) + shortcut(x)) (Eqn 1/2), or relu(F(x)) for the plain counterpart."""
+
+    residual: bool
+    downsample: nn.Module | None
+    relu: nn.ReLU
+
+    def residual_function(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.residual_function(x)
+        if self.residual:
+            out = out + (x if self.downsample is None else self.downsample(x))
+        return self.relu(out)
+
+
+class BasicBlock(_Block):
     """Two 3x3 convolutions (Fig. 5 left), used by ResNet-18/34 and the CIFAR nets."""
 
     expansion = 1
@@ -93,17 +110,11 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         return self.bn2(self.conv2(out))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.residual_function(x)
-        if self.residual:
-            out = out + (x if self.downsample is None else self.downsample(x))
-        return self.relu(out)
-
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn2
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     """1x1, 3x3, 1x1 with expansion 4 (Fig. 5 right), used by ResNet-50/101/152, ResNeXt and wide ResNets.
 
     ``stride_in`` places the stride of a down-sampling block: "1x1" on the first 1x1 convolution as the paper
@@ -137,12 +148,6 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         return self.bn3(self.conv3(out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.residual_function(x)
-        if self.residual:
-            out = out + (x if self.downsample is None else self.downsample(x))
-        return self.relu(out)
 
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn3
