@@ -184,7 +184,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .train.evaluate import evaluate_checkpoint
-    from .train.loop import evaluate_imagefolder_checkpoint, is_imagefolder_checkpoint
+    from .train.evaluate import evaluate_imagefolder_checkpoint, is_imagefolder_checkpoint
 
     if args.ten_crop or args.multi_scale or is_imagefolder_checkpoint(args.checkpoint):
         protocol = "ten-crop" if args.ten_crop else "multi-scale" if args.multi_scale else "center"

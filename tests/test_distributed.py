@@ -165,3 +165,33 @@ def test_ddp_with_cpu_syncbn_is_the_one_process_step_in_float64(tmp_path):
     r = torchrun([str(script)])
     worst = float(r.stdout.split("WORST")[1].split()[0])
     assert worst < 1e-12, worst
+
+
+def test_restart_scoped_store_only_on_one_node_with_the_agent_store(monkeypatch):
+    """Under torchrun on one node the process group's keys go under resnets/restart-N, so a restarted round never
+    reads the keys of the round that was killed; elsewhere torch's default store is kept."""
+    import datetime
+    import torch.distributed as dist
+    from resnets.train.distributed import _restart_scoped_store
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    timeout = datetime.timedelta(seconds=10)
+    for k in ["TORCHELASTIC_USE_AGENT_STORE", "GROUP_WORLD_SIZE", "TORCHELASTIC_MAX_RESTARTS", "RANK"]:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    assert _restart_scoped_store(timeout) is None                       # not torchrun's agent store
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
+    for restart in ("0", "2"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", restart)
+        _restart_scoped_store(timeout).set("rank_0", f"address of round {restart}")
+    assert server.get("resnets/restart-0/rank_0") == b"address of round 0"
+    assert server.get("resnets/restart-2/rank_0") == b"address of round 2"
+
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")                          # several nodes: counts can differ
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.warns(RuntimeWarning, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        assert _restart_scoped_store(timeout) is None

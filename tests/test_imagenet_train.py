@@ -14,7 +14,8 @@ import resnets
 from resnets.config import IMAGENET_STEPS_PER_EPOCH, recipe
 from resnets.data.imagefolder import write_random_imagefolder
 from resnets.train import load_checkpoint, read_log, train
-from resnets.train.loop import evaluate_imagefolder_checkpoint, learning_rate
+from resnets.train.evaluate import evaluate_imagefolder_checkpoint
+from resnets.train.loop import learning_rate
 
 # torchvision 0.29 deprecates its image decoders (DeprecationWarning on every decode); not our concern here.
 pytestmark = pytest.mark.filterwarnings(

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["DistContext", "setup", "teardown", "local_batch_size", "convert_sync_batchnorm", "GlooSyncBatchNorm",
@@ -105,6 +105,9 @@ def setup(device: str = "auto") -> tuple[DistContext, str]:
         if use_cuda:
             torch.cuda.set_device(local)
             kwargs["device_id"] = torch.device("cuda", local)
+        store = _restart_scoped_store(kwargs["timeout"])
+        if store is not None:
+            kwargs["store"] = store
         dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
         ctx = DistContext(rank, world, local, backend, owns_group=True)
     else:
@@ -114,6 +117,34 @@ def setup(device: str = "auto") -> tuple[DistContext, str]:
     elif ctx.enabled and device in ("auto", "cuda") and ctx.backend == "gloo":
         device = "cpu" if device == "auto" else device
     return ctx, device
+
+
+def _restart_scoped_store(timeout: datetime.timedelta) -> "dist.Store | None":
+    """The store to build the process group on when torchrun may have restarted the workers, else ``None``
+    (torch's default).
+
+    torchrun's agent hosts one TCPStore for the whole job and hands it to every round of workers
+    (``TORCHELASTIC_USE_AGENT_STORE=True``); torch 2.14's ``init_process_group`` uses it without a per-round
+    prefix. After ``--max-restarts`` restarts the worker group, the keys the killed round wrote (each rank's gloo
+    listening address, NCCL's unique id) are still there, and a new worker can read a dead worker's address before
+    its replacement overwrites it: measured here as ``Gloo connectFullMesh failed ... Connection refused`` in the
+    first restart and a hang in the next (pytorch/pytorch#135712 reports the NCCL form). On one node every worker
+    is started by the same agent, so ``TORCHELASTIC_RESTART_COUNT`` names the round the same way in every worker
+    and scopes the keys. Across nodes it does not (an agent whose own workers were healthy restarts them without
+    counting), so there torch's default is kept and :func:`setup` warns; launching torchrun with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` gives every round a fresh store instead."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        return None
+    if env.get("GROUP_WORLD_SIZE", "1") != "1":
+        if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and env.get("RANK") == "0":
+            warnings.warn("torchrun --max-restarts across several nodes with the agent's shared store: a restarted "
+                          "round can read the previous round's addresses and fail to connect "
+                          "(pytorch/pytorch#135712); launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+                          RuntimeWarning, stacklevel=3)
+        return None
+    agent_store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"resnets/restart-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
 
 
 def teardown(ctx: DistContext) -> None:

@@ -32,7 +32,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -467,81 +467,6 @@ class ImageFolderSource:
 
     def close(self) -> None:
         self._it = None
-
-
-def is_imagefolder_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` was written by an ImageFolder run (``resnets evaluate`` picks the val protocol by it)."""
-    try:
-        return ck.load_checkpoint(path, with_state=False).meta.get("dataset") == "imagefolder"
-    except ck.CheckpointError:
-        return False
-
-
-def _list_collate(batch):
-    return [b[0] for b in batch], torch.as_tensor([int(b[1]) for b in batch], dtype=torch.int64)
-
-
-@torch.no_grad()
-def evaluate_imagefolder_checkpoint(path: str | os.PathLike, data: str | os.PathLike | None, *,
-                                    protocol: str = "center", scales: Sequence[int] | None = None,
-                                    flip: bool = False, device: str = "auto", precision: str = "auto",
-                                    batch_size: int = 32, workers: int = 4, subset: int | None = None
-                                    ) -> dict[str, Any]:
-    """Top-1/top-5 error of an ImageFolder checkpoint on ``data/val`` (or ``data`` itself if it has no ``val``).
-
-    ``protocol``: ``"center"`` (shorter side ``eval_resize``, one ``crop`` x ``crop`` centre crop: what training
-    logs), ``"ten-crop"`` (Krizhevsky's 10 crops, softmax scores averaged; the paper's Tables 2-4 use it) or
-    ``"multi-scale"`` (fully-convolutional, whole images at ``scales``, default {224, 256, 384, 480, 640}, scores
-    averaged; Table 4/5's best results). Crop, resize and mean come from the checkpoint. ``loss`` is the mean
-    negative log of the (averaged) probability of the true class."""
-    from ..data.imagefolder import (ImageFolderDataset, SubtractMean, make_loader, multiscale_predict,
-                                    standard_eval_transform, ten_crop_predict)
-    if protocol not in ("center", "ten-crop", "multi-scale"):
-        raise ValueError(f"unknown protocol {protocol!r}; choose center, ten-crop or multi-scale")
-    c = ck.load_checkpoint(path, with_state=False)
-    if c.meta.get("dataset") != "imagefolder":
-        raise ck.CheckpointError(f"{c.path}: not an ImageFolder checkpoint (dataset {c.meta.get('dataset')!r}); "
-                                 "--ten-crop and --multi-scale apply to ImageNet-style runs")
-    if data is None:
-        raise ValueError("--data DIR is needed (DIR/val/CLASS/images, or DIR/CLASS/images)")
-    root = Path(data)
-    val_dir = root / "val" if (root / "val").is_dir() else root
-    conf = c.meta.get("config", {})
-    crop, resize = int(conf.get("crop", 224)), int(conf.get("eval_resize", 256))
-    mean, std = c.preprocess.get("mean"), c.preprocess.get("std")
-    model = ck.model_from_checkpoint(c)
-    rt = pick_runtime(device, precision)
-    model = model.to(rt.device, memory_format=rt.memory_format).eval()
-    transform = standard_eval_transform(resize, crop, mean, std) if protocol == "center" else None
-    ds = ImageFolderDataset(val_dir, transform=transform, skip_bad_files=True, allow_empty_classes=True)
-    if c.classes and list(ds.classes) != list(c.classes):
-        raise ck.CheckpointError(f"{c.path}: trained on {len(c.classes)} classes {c.classes[:3]}..., "
-                                 f"{val_dir} has {len(ds.classes)}: {ds.classes[:3]}...")
-    indices = list(range(min(len(ds), subset) if subset else len(ds)))
-    if protocol == "center":
-        loader = make_loader(ds, batch_size, train=False, num_workers=workers, sampler=indices,
-                             persistent_workers=False, pin_memory=rt.is_cuda)
-        metrics = evaluate_model(model, _OnDevice(loader, rt), rt)
-    else:
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=indices, num_workers=workers,
-                                             collate_fn=_list_collate)
-        normalize = SubtractMean(mean, std)
-        n, wrong1, wrong5, nll = 0, 0, 0, 0.0
-        for images, y in loader:
-            with rt.autocast():
-                if protocol == "ten-crop":
-                    scores = ten_crop_predict(model, images, crop, resize, normalize=normalize)
-                else:
-                    scores = multiscale_predict(model, images, tuple(scales or (224, 256, 384, 480, 640)),
-                                                flip=flip, normalize=normalize)
-            scores, y = scores.float().cpu(), y.cpu()
-            top = scores.topk(min(5, scores.shape[1]), dim=1).indices
-            wrong1 += int((top[:, 0] != y).sum())
-            wrong5 += int((~(top == y[:, None]).any(dim=1)).sum())
-            nll += float(-scores.gather(1, y[:, None]).clamp_min(1e-12).log().sum())
-            n += y.numel()
-        metrics = {"error": 100.0 * wrong1 / n, "top5_error": 100.0 * wrong5 / n, "loss": nll / n, "n": n}
-    return {"checkpoint": str(c.path), "model": c.model_name, "step": c.step, "protocol": protocol, **metrics}
 
 
 def make_source(cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, data=None):
