@@ -4,10 +4,12 @@ The same ``resnets train`` command runs on one device or under torchrun, unchang
 
     resnets train --recipe imagenet-paper --data /data/imagenet --out runs/r50                  # one process
     torchrun --nproc_per_node 8 -m resnets.cli train --recipe imagenet-paper --data /data/imagenet --out runs/r50
-    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
-        -m resnets.cli train --recipe imagenet-paper --data /data/imagenet --out /shared/runs/r50
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes 4 --nproc_per_node 8 --max-restarts 3 \\
+        --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+        -m resnets.cli train --recipe imagenet-paper --data /data/imagenet --out /shared/runs/r50 --resume auto
 
-(docs/imagenet.md has the full commands.) torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and the
+(docs/imagenet.md has the full commands; :func:`_restart_scoped_store` says why restarts across nodes want
+``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``.) torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and the
 rendezvous); :func:`setup` reads them, joins the process group (NCCL on GPUs, gloo on the CPU) and picks the device
 ``cuda:LOCAL_RANK``. Node counts and rendezvous are torchrun's job, not ours.
 
