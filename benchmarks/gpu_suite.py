@@ -197,8 +197,6 @@ class Suite:
         return "\n".join(lines)
 
     def finish(self) -> dict:
-        self.result["machine"]["loadavg_end"] = bench._loadavg()
-        self.result["bench"]["machine"]["loadavg_end"] = self.result["machine"]["loadavg_end"]
         self.save()
         text = self.tables()
         (self.out / "gpu_suite.md").write_text(text + "\n")

@@ -89,6 +89,7 @@ class Impl:
     fn: Callable[[], Any]       # one iteration: a training step or a forward pass on a fixed batch
     setup_s: float = 0.0        # building + compiling, not timed
     info: dict[str, Any] = field(default_factory=dict)
+    finish: Callable[[], None] | None = None   # after timing: record what actually ran into info
 
 
 @dataclass
@@ -203,9 +204,7 @@ def ours_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opts: Options
         if getattr(step, "fallback", None):
             info["fallback"] = step.fallback
 
-    impl = Impl(key, label, role, fn, time.perf_counter() - t0, info)
-    impl.finish = finish  # type: ignore[attr-defined]
-    return impl
+    return Impl(key, label, role, fn, time.perf_counter() - t0, info, finish)
 
 
 def _rt_words(rt: Runtime) -> str:
@@ -553,7 +552,7 @@ def run_case(spec: CaseSpec, opts: Options, log: Callable[[str], None] = print) 
     cpu: dict[str, list[float]] = {}
     times = time_impls(impls, warmup=warmup, repeats=repeats, iters=iters, sync=_sync(dev), cpu_times=cpu)
     for impl in impls:
-        if hasattr(impl, "finish"):
+        if impl.finish:
             impl.finish()
     batch = params["batch"]
     depth = SMOKE["cifar_depth"] if opts.smoke and spec.size == 32 else None

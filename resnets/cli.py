@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -122,7 +123,6 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def train_config(args: argparse.Namespace):
     from .config import recipe
 
-    args.model_kwargs_given = bool(model_kwargs(args))
     overrides = {
         "model": args.model, "model_kwargs": model_kwargs(args), "data": args.data, "dataset": args.dataset,
         "steps": args.steps, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
@@ -141,7 +141,7 @@ def train_config(args: argparse.Namespace):
 
         from .config import TrainConfig
         base = TrainConfig.load(args.config)
-        if not args.model_kwargs_given:
+        if not overrides["model_kwargs"]:
             overrides.pop("model_kwargs")
         cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     else:
@@ -170,7 +170,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config(args)
     res = train(cfg)
     f = res.final
-    import os
     if os.environ.get("RANK", "0") != "0":   # under torchrun, rank 0 reports
         return 0
     split = "val" if cfg.val_split or cfg.dataset == "imagefolder" else "test"

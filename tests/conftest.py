@@ -12,6 +12,19 @@ SHARED = REPO.parent / "shared"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+def twin_nets(depth: int = 8):
+    """Two equal ResNet-20-family nets (channels_last), to run one step implementation against another."""
+    import torch
+
+    import resnets
+
+    torch.manual_seed(0)
+    a = resnets.create_model("resnet20", depth=depth).to(memory_format=torch.channels_last)
+    b = resnets.create_model("resnet20", depth=depth).to(memory_format=torch.channels_last)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
 def write_fake_cifar10(root: Path, per_batch: int = 64, test: int = 100, seed: int = 0) -> Path:
     """Random but learnable images: each class has its own mean colour, so a few steps already lower the error."""
     rng = np.random.default_rng(seed)

@@ -21,6 +21,8 @@ from resnets.train.graphs import StaticStep, maybe_graph_step
 from resnets.train.loop import make_eager_step
 from resnets.train.runtime import pick_runtime
 
+from conftest import twin_nets
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -176,10 +178,7 @@ def test_graph_step_falls_back_on_cpu():
 def test_static_step_accepts_its_own_buffers():
     """A loader may write straight into the static inputs (DeviceLoader.batch(step, out=...)): same result."""
     rt = pick_runtime("cpu", "fp32", True)
-    torch.manual_seed(0)
-    a = resnets.create_model("resnet20", depth=8).to(memory_format=torch.channels_last)
-    b = resnets.create_model("resnet20", depth=8).to(memory_format=torch.channels_last)
-    b.load_state_dict(a.state_dict())
+    a, b = twin_nets()
     sa = StaticStep(a, torch.optim.SGD(a.parameters(), lr=0.1), rt.autocast, (4, 3, 32, 32), rt.device,
                     rt.memory_format, capture=False)
     sb = StaticStep(b, torch.optim.SGD(b.parameters(), lr=0.1), rt.autocast, (4, 3, 32, 32), rt.device,

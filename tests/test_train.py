@@ -17,6 +17,8 @@ from resnets.data import DeviceLoader
 from resnets.train import CheckpointError, NonFiniteLossError, load_checkpoint, model_from_checkpoint, read_log, train
 from resnets.train.loop import learning_rate, resolve_warmup
 
+from conftest import twin_nets
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -208,10 +210,7 @@ def test_static_step_matches_eager_step():
     from resnets.train.runtime import pick_runtime
 
     rt = pick_runtime("cpu", "fp32", True)
-    torch.manual_seed(0)
-    a = resnets.create_model("resnet20", depth=8).to(memory_format=torch.channels_last)
-    b = resnets.create_model("resnet20", depth=8).to(memory_format=torch.channels_last)
-    b.load_state_dict(a.state_dict())
+    a, b = twin_nets()
     oa = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     ob = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     eager = make_eager_step(a, oa, rt)

@@ -124,9 +124,11 @@ def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = 
                 cfg = replace(p.config, model=f"{net}20", model_kwargs={"depth": depth}, seed=seed,
                               out=str(run_dir), data=data, progress=progress, **(overrides or {}))
                 jobs.append((net, depth, seed, cfg))
-    todo = [cfg for *_, cfg in jobs if _finished(Path(cfg.out), cfg) is None]
+    todo = []
     for net, depth, seed, cfg in jobs:
-        if cfg not in todo:
+        if _finished(Path(cfg.out), cfg) is None:
+            todo.append(cfg)
+        else:
             print(f"{net}-{depth} (seed {seed}): finished earlier, reused", flush=True)
     _run_jobs(todo, cifar, rt, workers)
     runs = []

@@ -7,7 +7,7 @@ from .info import count_macs, count_params, model_info
 from .registry import ModelSpec, WeightsDownloadError, create_model, get_spec, list_models, torchvision_weights_url
 from .resnet import CifarResNeXt, CifarResNet, ResNet
 
-__all__ = ["inference_model", "BasicBlock", "Bottleneck", "Projection", "ZeroPadShortcut", "make_shortcut", "ResNet", "CifarResNet",
-           "CifarResNeXt", "create_model", "list_models", "get_spec", "ModelSpec", "model_info", "count_params",
+__all__ = ["BasicBlock", "Bottleneck", "Projection", "ZeroPadShortcut", "make_shortcut", "ResNet", "CifarResNet",
+           "CifarResNeXt", "inference_model", "create_model", "list_models", "get_spec", "ModelSpec", "model_info", "count_params",
            "count_macs", "from_torchvision", "torchvision_arch", "fold_batchnorm", "from_timm", "load_state_dict_file",
            "UnsafeWeightsError", "WeightsDownloadError", "torchvision_weights_url"]

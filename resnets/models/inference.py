@@ -47,9 +47,7 @@ class InferenceModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            if self.dtype is not None and x.dtype != self.dtype:
-                x = x.to(self.dtype)
-            x = x.contiguous(memory_format=self.memory_format)
+            x = x.to(dtype=self.dtype or x.dtype, memory_format=self.memory_format)   # one copy at most
             out = (self.runner if self.runner is not None else self.folded)(x)
             # CUDA-graph trees reuse their output memory on the next call: hand out a copy.
             return out.clone() if self.clone_output else out
