@@ -76,7 +76,8 @@ class Predictor:
         n_out = model.fc.out_features if isinstance(getattr(model, "fc", None), nn.Linear) else len(c.classes)
         if n_out != len(c.classes):
             raise ck.CheckpointError(f"{c.path}: {len(c.classes)} class names for a network with {n_out} outputs")
-        size = image_size_for(c.model_name, c.preprocess)
+        size = c.meta.get("config", {}).get("crop") if c.meta.get("dataset") == "imagefolder" else None
+        size = size or image_size_for(c.model_name, c.preprocess)
         size = (size, size) if isinstance(size, int) else size
         try:
             family = get_spec(c.model_name).family

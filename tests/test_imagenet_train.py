@@ -95,6 +95,13 @@ def test_imagefolder_training_end_to_end(folders, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "on 9 val images, ten-crop: top-1 error" in r.stdout
 
+    # `resnets predict` reads the checkpoint's subtract-mean preprocessing and its crop size
+    from resnets.predict import predict
+    images = sorted((folders / "val").rglob("*.*"))[:2]
+    p = predict(ckpt, images, top_k=2)
+    assert p["input_size"] == [64, 64] and len(p["predictions"]) == 2
+    assert all(0.0 < sum(t["probability"] for t in x["top"]) <= 1.0 + 1e-6 for x in p["predictions"])
+
 
 def test_imagefolder_resume_is_exact_and_independent_of_workers(folders, tmp_path):
     """24 images / batch 4 = 6 steps per epoch. Stop at step 5 (mid-epoch), resume to 9 (across the epoch

@@ -82,11 +82,13 @@ class Normalizer:
 
     ``mode="pixel-mean"`` (the paper): ``x/255 - mean_image`` with the (C, H, W) mean image of the training set.
     ``mode="channel"``: ``(x/255 - mean_c) / std_c`` with per-channel statistics of the training set.
+    ``mode="subtract-mean-255"`` (ImageFolder runs, :class:`resnets.data.imagefolder.SubtractMean`): ``x - mean``,
+    or ``(x - mean) / std`` when a std is given, all in 0..255 pixel units; given directly, never computed.
     Statistics come from ``train_images_uint8`` (N, C, H, W) or are given directly (``mean``/``std`` in [0, 1]
     units: shape (C,) or (C, H, W) for the mean, (C,) for std).
     """
 
-    MODES = ("pixel-mean", "channel")
+    MODES = ("pixel-mean", "channel", "subtract-mean-255")
 
     def __init__(self, mode: str = "pixel-mean", train_images_uint8: torch.Tensor | np.ndarray | None = None, *,
                  mean: torch.Tensor | Sequence[float] | np.ndarray | None = None,
@@ -95,6 +97,8 @@ class Normalizer:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         self.mode = mode
         if train_images_uint8 is not None:
+            if mode == "subtract-mean-255":
+                raise ValueError("mode='subtract-mean-255' takes mean (and std) directly, in 0..255 units")
             if mean is not None or std is not None:
                 raise ValueError("give either train_images_uint8 or mean/std, not both")
             mean, std = self._statistics(_as_uint8_tensor(train_images_uint8), mode, chunk)
@@ -103,7 +107,15 @@ class Normalizer:
         self.mean = torch.as_tensor(np.asarray(mean) if not isinstance(mean, torch.Tensor) else mean,
                                     dtype=torch.float64).detach().cpu()
         self.std = None
-        if mode == "channel":
+        if mode == "subtract-mean-255":
+            if std is not None:
+                self.std = torch.as_tensor(np.asarray(std) if not isinstance(std, torch.Tensor) else std,
+                                           dtype=torch.float64).detach().cpu()
+                if self.std.shape != (self.mean.shape[0],) or bool((self.std <= 0).any()):
+                    raise ValueError("std must be positive, one per channel")
+            if self.mean.dim() not in (1, 3):
+                raise ValueError("mode='subtract-mean-255' needs a mean of shape (C,) or (C, H, W)")
+        elif mode == "channel":
             self.std = torch.as_tensor(np.asarray(std) if not isinstance(std, torch.Tensor) else std,
                                        dtype=torch.float64).detach().cpu()
             if self.mean.dim() != 1 or self.std.shape != self.mean.shape:
@@ -143,6 +155,9 @@ class Normalizer:
             if self.mode == "pixel-mean":
                 scale = torch.full((1, 1, 1), 1.0 / 255.0, dtype=torch.float64)
                 shift = -mean
+            elif self.mode == "subtract-mean-255":
+                std = torch.ones(1, 1, 1, dtype=torch.float64) if self.std is None else self.std[:, None, None]
+                scale, shift = 1.0 / std, -mean / std
             else:
                 std = self.std[:, None, None]
                 scale = 1.0 / (255.0 * std)
