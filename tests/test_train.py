@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -237,6 +238,11 @@ def test_graph_falls_back_on_cpu(tiny_cifar, tmp_path):
     with pytest.warns(UserWarning, match="CUDA graph requested but not used"):
         train(dataclasses.replace(tiny_cfg(tiny_cifar, tmp_path / "g", steps=2, eval_every=2, checkpoint_every=0),
                                   cuda_graph=True))
+    gpu = SimpleNamespace(is_cuda=True)         # the reasons a GPU run still trains eagerly, each one named
+    assert graph_applies(cfg, gpu) == (True, "")
+    assert graph_applies(cfg, gpu, distributed=True) == (False, "the captured step has no DDP gradient all-reduce")
+    assert graph_applies(dataclasses.replace(cfg, label_smoothing=0.1), gpu) == \
+        (False, "the captured step has no label smoothing")
 
 
 @pytest.mark.realdata

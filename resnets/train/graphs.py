@@ -101,7 +101,7 @@ class StaticStep:
         return self.loss.clone(), self.wrong.clone()
 
 
-def graph_applies(cfg, rt) -> tuple[bool, str]:
+def graph_applies(cfg, rt, distributed: bool = False) -> tuple[bool, str]:
     """Whether the whole-step graph applies to this run, and why not."""
     if cfg.cuda_graph is False or cfg.cuda_graph == "off":
         return False, "disabled by --no-cuda-graph"
@@ -109,12 +109,16 @@ def graph_applies(cfg, rt) -> tuple[bool, str]:
         return False, "CUDA graphs need a GPU"
     if cfg.on_nan == "skip":
         return False, "on_nan='skip' decides on the host inside each step"
+    if distributed:
+        return False, "the captured step has no DDP gradient all-reduce"
+    if getattr(cfg, "label_smoothing", 0):
+        return False, "the captured step has no label smoothing"
     return True, ""
 
 
-def maybe_graph_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer, rt, loader, eager_step: StepFn
-                     ) -> StepFn:
-    ok, why = graph_applies(cfg, rt)
+def maybe_graph_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer, rt, loader, eager_step: StepFn,
+                     distributed: bool = False) -> StepFn:
+    ok, why = graph_applies(cfg, rt, distributed)
     if not ok:
         if cfg.cuda_graph is True:
             warnings.warn(f"CUDA graph requested but not used: {why}; training eagerly")

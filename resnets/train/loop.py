@@ -569,10 +569,8 @@ def _train(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
     step_fn = make_eager_step(fwd_model, optimizer, rt, skip_nonfinite=cfg.on_nan == "skip",
                               label_smoothing=cfg.label_smoothing, all_finite=all_finite if ctx.enabled else None,
                               backward_on_skip=ctx.enabled)
-    if not ctx.enabled and cfg.label_smoothing == 0:
-        # whole-step CUDA graph on one GPU (its captured step knows neither DDP's all-reduce nor label smoothing)
-        from .graphs import maybe_graph_step
-        step_fn = maybe_graph_step(cfg, model, optimizer, rt, source, step_fn)
+    from .graphs import maybe_graph_step   # the whole-step CUDA graph, where it applies (graphs.graph_applies)
+    step_fn = maybe_graph_step(cfg, model, optimizer, rt, source, step_fn, distributed=ctx.enabled)
 
     def save(step: int, metrics: dict[str, Any] | None, path: Path | None = None) -> Path | None:
         if not main:
