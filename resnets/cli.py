@@ -203,7 +203,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .experiments.reproduce import run_experiment
 
-    overrides = {k: v for k, v in {"steps": args.steps, "device": args.device}.items() if v is not None}
+    overrides = {k: v for k, v in {"steps": args.steps, "device": args.device, "val_split": args.val_split}.items()
+                 if v is not None}
     if args.steps is not None and args.preset == "paper":
         from .config import recipe
         overrides["milestones"] = recipe("cifar-paper", steps=args.steps).milestones
@@ -303,7 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", help="directory with CIFAR-10 (else RESNETS_DATA, the cache, or a download)")
     r.add_argument("--out", help="output directory (default runs/reproduce-cifar10-PRESET)")
     r.add_argument("--device", help="auto (default), cpu, cuda")
-    r.add_argument("--workers", type=int, help="runs trained at once (default: one per CPU core; 1 on a GPU)")
+    r.add_argument("--val-split", type=int, help="hold out N training images for validation (5000: Sec. 4.2's "
+                   "45k/5k split); test error from the final weights")
+    r.add_argument("--workers", type=int, help="runs trained at once (default: one process per CPU core; on a GPU "
+                   "all runs side by side, a CUDA stream each; 1: one after another)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=cmd_reproduce)
 

@@ -84,3 +84,21 @@ def test_cli_analyze_responses(tiny_cifar, tmp_path):
     assert "plain-8" in r.stdout and "ResNet-8" in r.stdout
     data = json.loads((tmp_path / "f7.json").read_text())
     assert len(data) == 2 and all(len(d["std"]) == 6 and min(d["std"]) > 0 for d in data)
+
+
+def test_side_by_side_with_val_split_matches_processes_and_meets_test_set_once(tiny_cifar, tmp_path):
+    """The GPU path (all runs interleaved in one process) gives the numbers the CPU path (one process per run)
+    gives; with --val-split the log holds validation errors and the table the final weights' test error."""
+    preset = replace(TINY, depths=(8,), seeds=1)
+    kw = dict(data=str(tiny_cifar), progress=False, responses=False, overrides={"val_split": 64})
+    a = run_experiment(preset, out=tmp_path / "procs", side_by_side=False, **kw)
+    b = run_experiment(preset, out=tmp_path / "sbs", side_by_side=True, **kw)
+    for ra, rb in zip(a["runs"], b["runs"]):
+        assert (ra["train_error"], ra["val_error"], ra["test_error"]) == \
+            (rb["train_error"], rb["val_error"], rb["test_error"])
+        rows = read_log(Path(rb["dir"]) / "log.jsonl")
+        assert rb["val_error"] == [r for r in rows if r["split"] == "val"][-1]["error"]
+        assert not [r for r in rows if r["split"] == "test"]
+        test = json.loads((Path(rb["dir"]) / "test.json").read_text())
+        assert test["n"] == rb["test_images"] == 100 and test["error"] == rb["test_error"] and test["step"] == 12
+    assert "held out for validation" in b["note"]

@@ -100,7 +100,8 @@ def _curves(run_dir: Path) -> dict[str, list]:
 def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = None, nets: list[str] | None = None,
                    seeds: int | None = None, out: str | Path = "runs/reproduce-cifar10", data: str | None = None,
                    overrides: dict[str, Any] | None = None, progress: bool = True, data_obj=None,
-                   responses: bool = True, workers: int | None = None) -> dict[str, Any]:
+                   responses: bool = True, workers: int | None = None,
+                   side_by_side: bool | None = None) -> dict[str, Any]:
     p = PRESETS[preset] if isinstance(preset, str) else preset
     depths = tuple(depths or p.depths)
     nets = tuple(nets or p.nets)
@@ -130,25 +131,27 @@ def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = 
             todo.append(cfg)
         else:
             print(f"{net}-{depth} (seed {seed}): finished earlier, reused", flush=True)
-    _run_jobs(todo, cifar, rt, workers)
+    _run_jobs(todo, cifar, rt, workers, rt.is_cuda if side_by_side is None else side_by_side)
     runs = []
     for net, depth, seed, cfg in jobs:
         run_dir = Path(cfg.out)
         summary = json.loads((run_dir / "summary.json").read_text())
+        test = _test_metrics(cfg, summary, data, rt)
         runs.append({"net": net, "depth": depth, "seed": seed, "name": run_dir.name, "dir": str(run_dir),
-                     "train_error": summary["train_error"], "test_error": summary["final"]["error"],
-                     "test_top5_error": summary["final"]["top5_error"], "test_images": summary["final"]["n"],
+                     "train_error": summary["train_error"], "test_error": test["error"],
+                     "test_top5_error": test["top5_error"], "test_images": test["n"],
+                     "val_error": summary["final"]["error"] if cfg.val_split else None,
                      "best_test_error": (summary.get("best") or {}).get("error"),
                      "seconds": summary["seconds"], "runtime": summary.get("runtime"),
                      "params": _params(net, depth), "curves": _curves(run_dir)})
     n_workers, threads = plan_workers(len(jobs), rt, workers)
-    runtime = rt.describe() if rt.is_cuda else \
+    runtime = f"{rt.describe()}; {n_workers} run(s) at a time, side by side on CUDA streams" if rt.is_cuda else \
         f"CPU, {os.cpu_count()} cores; {n_workers} run(s) at a time with {threads} thread(s) each; fp32, channels_last"
     ran_on = sorted({r["runtime"] for r in runs if r.get("runtime")})
     if ran_on:
         runtime += f" (runs report: {'; '.join(ran_on)})"
     results = {
-        "preset": p.name, "note": p.note, "depths": list(depths), "nets": list(nets), "seeds": seeds,
+        "preset": p.name, "note": _note(p, overrides), "depths": list(depths), "nets": list(nets), "seeds": seeds,
         "config": replace(p.config, **(overrides or {})).to_dict(), "runtime": runtime,
         "torch": torch.__version__, "data_source": cifar.source, "wall_seconds": None,
         "date": time.strftime("%Y-%m-%d"), "runs": runs, "table": summarize(runs),
@@ -165,22 +168,28 @@ def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = 
 
 
 def plan_workers(n_jobs: int, rt, workers: int | None = None) -> tuple[int, int | None]:
-    """How many runs train at once, and torch threads for each. One GPU trains one run at a time. On a CPU,
-    parallel runs with fewer threads each beat one run with all threads: measured on a 2-core machine, two
-    1-thread ResNet-56 runs took 1.76 s/step each (0.88 s/step together), one 2-thread run 1.25-1.35 s/step."""
+    """How many runs train at once, and torch threads for each.
+
+    On a GPU every run trains side by side in this process, each on a CUDA stream of its own
+    (:mod:`resnets.train.side_by_side`): one CIFAR net at batch 128 leaves most of the GPU idle. ``workers``
+    caps how many run at once (1: one after another). On a CPU, parallel processes with fewer threads each beat
+    one run with all threads: measured on a 2-core machine, two 1-thread ResNet-56 runs took 1.76 s/step each
+    (0.88 s/step together), one 2-thread run 1.25-1.35 s/step."""
     if rt.is_cuda:
-        return 1, None
+        return max(1, min(n_jobs, workers or n_jobs)), None
     cores = os.cpu_count() or 1
     w = workers or max(1, min(n_jobs, cores))
     return w, max(1, cores // w)
 
 
+def _report(cfg: TrainConfig, r: dict[str, Any]) -> None:
+    if r["split"] == "train" and (r["step"] % (cfg.log_every * 4) == 0 or r["step"] == cfg.steps):
+        print(f"  {Path(cfg.out).name}: step {r['step']}/{cfg.steps}, training error {r['error']:.1f}%, "
+              f"{r['img_per_s']:.0f} img/s", flush=True)
+
+
 def _train_job(cfg: TrainConfig, data_obj) -> str:
-    def report(r: dict[str, Any]) -> None:
-        if r["split"] == "train" and (r["step"] % (cfg.log_every * 4) == 0 or r["step"] == cfg.steps):
-            print(f"  {Path(cfg.out).name}: step {r['step']}/{cfg.steps}, training error {r['error']:.1f}%, "
-                  f"{r['img_per_s']:.0f} img/s", flush=True)
-    train_run(replace(cfg, resume="auto"), data=data_obj, on_log=report)
+    train_run(replace(cfg, resume="auto"), data=data_obj, on_log=lambda r: _report(cfg, r))
     return cfg.out
 
 
@@ -189,12 +198,23 @@ def _worker_job(cfg: TrainConfig) -> str:
     return _train_job(cfg, None)
 
 
-def _run_jobs(todo: list[TrainConfig], cifar, rt, workers: int | None) -> None:
+def _run_jobs(todo: list[TrainConfig], cifar, rt, workers: int | None, side_by_side: bool) -> None:
+    """``side_by_side``: interleave the runs in this process (the GPU default; on a CPU only the tests use it)."""
     if not todo:
         return
     n, threads = plan_workers(len(todo), rt, workers)
     for i, cfg in enumerate(todo):
         print(f"[{i + 1}/{len(todo)}] queued {Path(cfg.out).name}: {cfg.steps} steps", flush=True)
+    if side_by_side and n > 1:
+        from ..train.side_by_side import train_side_by_side
+        where = "a CUDA stream each" if rt.is_cuda else "interleaved"
+        print(f"training {n} runs at a time side by side on {rt.describe()}, {where}", flush=True)
+        for i in range(0, len(todo), n):
+            group = [replace(c, resume="auto") for c in todo[i:i + n]]
+            train_side_by_side(group, data=cifar, on_log=lambda c, r: _report(c, r))
+            for c in group:
+                print(f"finished {Path(c.out).name}", flush=True)
+        return
     if n == 1:
         for cfg in todo:
             _train_job(replace(cfg, threads=threads or cfg.threads), cifar)
@@ -206,6 +226,33 @@ def _run_jobs(todo: list[TrainConfig], cifar, rt, workers: int | None) -> None:
         futures = [pool.submit(_worker_job, replace(cfg, threads=threads, progress=False)) for cfg in todo]
         for f in concurrent.futures.as_completed(futures):
             print(f"finished {Path(f.result()).name}", flush=True)
+
+
+def _note(p: Preset, overrides: dict[str, Any] | None) -> str:
+    v = (overrides or {}).get("val_split")
+    if not v:
+        return p.note
+    return (p.note.replace("full 50k training images, ", "") + f" Trained on 50k - {v} images, {v} held out for "
+            "validation (Sec. 4.2's 45k/5k split when 5000); the validation error is logged while training, and the "
+            "final weights meet the full 10k test set once.")
+
+
+def _test_metrics(cfg: TrainConfig, summary: dict[str, Any], data: str | None, rt) -> dict[str, Any]:
+    """The final weights on the test set. A run with a train/val split evaluated on val while it trained; its
+    last checkpoint meets the test set here, once (the result is kept in the run's test.json)."""
+    if not cfg.val_split:
+        return summary["final"]
+    cached = Path(cfg.out) / "test.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    from ..train.checkpoint import list_checkpoints
+    from ..train.evaluate import evaluate_checkpoint
+    last = list_checkpoints(Path(cfg.out) / "checkpoints")[-1]
+    res = evaluate_checkpoint(str(last), data, device=str(rt.device), progress=False)
+    if res["step"] != cfg.steps:
+        raise RuntimeError(f"{cfg.out}: the last checkpoint is step {res['step']}, not the run's end ({cfg.steps})")
+    cached.write_text(json.dumps(res, indent=1) + "\n")
+    return res
 
 
 def _params(net: str, depth: int) -> int:

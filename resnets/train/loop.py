@@ -32,7 +32,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Generator, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -491,13 +491,24 @@ def train(cfg: TrainConfig, *, data=None, on_log: Callable[[dict[str, Any]], Non
     global batch under DistributedDataParallel and leaves the group at the end."""
     ctx, device = ddp.setup(cfg.device)
     try:
-        return _train(cfg, ctx, device, data, on_log)
+        return run_to_end(train_steps(cfg, ctx, device, data, on_log))
     finally:
         ddp.teardown(ctx)
 
 
-def _train(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
-           on_log: Callable[[dict[str, Any]], None] | None) -> TrainResult:
+def run_to_end(steps: Iterator[int]) -> TrainResult:
+    """Drive a :func:`train_steps` generator to its end and return its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
+                on_log: Callable[[dict[str, Any]], None] | None) -> Generator[int, None, TrainResult]:
+    """The loop as a generator: it yields the number of steps done after every step and returns the
+    :class:`TrainResult`. :func:`train` drives one to its end; :mod:`.side_by_side` interleaves several."""
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -655,8 +666,8 @@ def _train(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
                         f"the training loss became {loss_mean} between steps {done - seen // y.numel()} and {done}; "
                         f"stopped. The last good checkpoint is {last_good or 'none (none was written yet)'}. "
                         "Lower --lr, or pass --on-nan skip to skip such steps.")
-                if rt.is_cuda:
-                    torch.cuda.synchronize(rt.device)
+                if rt.is_cuda:   # this run's stream only: runs side by side have streams of their own
+                    torch.cuda.current_stream(rt.device).synchronize()
                 dt = time.perf_counter() - t_log
                 last_train = {"step": done, "split": "train", "loss": loss_mean,
                               "error": 100.0 * wrong_all / seen_all, "lr": lr, "img_per_s": seen_all / dt,
@@ -685,6 +696,7 @@ def _train(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
                 t_log = time.perf_counter()
             if bar is not None:
                 bar.update(1)
+            yield done
     finally:
         if bar is not None:
             bar.close()

@@ -1,0 +1,114 @@
+"""Runs trained side by side in one process end bit-identical to the same runs trained alone (issue 15), also
+after a kill -9 of the whole process and a resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnets.config import recipe
+from resnets.data import load_cifar
+from resnets.train import load_checkpoint, read_log, train
+from resnets.train.side_by_side import SideBySideError, train_side_by_side
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cfgs(data, root: Path, steps: int = 24, **kw):
+    common = dict(data=str(data), steps=steps, batch_size=32, milestones=(steps // 2,), eval_every=8, log_every=4,
+                  checkpoint_every=8, keep_last=5, progress=False, threads=1, warmup_lr=None)
+    common.update(kw)
+    return [
+        recipe("cifar-paper", model="resnet20", model_kwargs={"depth": 8}, seed=0, out=str(root / "r8"), **common),
+        recipe("cifar-paper", model="plain20", model_kwargs={"depth": 8}, seed=1, out=str(root / "p8"), **common),
+        # a third run with a different length and its own validation split: runs need not be alike
+        recipe("cifar-paper", model="resnet20", model_kwargs={"depth": 14}, seed=2, out=str(root / "r14"),
+               **{**common, "steps": steps - 8, "val_split": 64}),
+    ]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    la = [{k: v for k, v in r.items() if k not in ("img_per_s", "elapsed_s")} for r in read_log(a / "log.jsonl")]
+    lb = [{k: v for k, v in r.items() if k not in ("img_per_s", "elapsed_s")} for r in read_log(b / "log.jsonl")]
+    assert la == lb and la, f"{a.name}: logs differ"
+    ca = sorted(p.name for p in (a / "checkpoints").iterdir())
+    assert ca == sorted(p.name for p in (b / "checkpoints").iterdir())
+    for name in ca:
+        wa, wb = load_checkpoint(a / "checkpoints" / name), load_checkpoint(b / "checkpoints" / name)
+        assert wa.weights.keys() == wb.weights.keys()
+        assert all(torch.equal(wa.weights[k], wb.weights[k]) for k in wa.weights), f"{a.name}/{name}: weights"
+        assert torch.equal(wa.state["rng"]["torch"], wb.state["rng"]["torch"])
+        for k in ("step", "best", "warming_up", "recent_wrong"):
+            assert wa.state[k] == wb.state[k]
+
+
+def test_side_by_side_is_bit_identical_to_alone(tiny_cifar, tmp_path):
+    data = load_cifar("cifar10", root=str(tiny_cifar), progress=False)
+    alone = [train(c, data=data) for c in cfgs(tiny_cifar, tmp_path / "alone")]
+    seen: dict[str, int] = {}
+
+    def on_log(cfg, record):
+        seen[Path(cfg.out).name] = seen.get(Path(cfg.out).name, 0) + 1
+
+    together = train_side_by_side(cfgs(tiny_cifar, tmp_path / "together"), data=data, on_log=on_log)
+    assert [r.step for r in together] == [24, 24, 16]
+    for a, t in zip(alone, together):
+        assert a.final == {**t.final, "elapsed_s": a.final["elapsed_s"]}
+        assert a.best == t.best and a.train_error == t.train_error and a.train_loss == t.train_loss
+        assert_same_run(Path(a.out), Path(t.out))
+    assert seen == {"r8": 9, "p8": 9, "r14": 6}      # train and eval records, reported per run
+
+
+_KILL = r"""
+import sys, pathlib
+sys.path.insert(0, sys.argv[3])
+from test_side_by_side import cfgs
+from resnets.train.side_by_side import train_side_by_side
+root = pathlib.Path(sys.argv[2])
+train_side_by_side([c.__class__(**{**c.to_dict(), "milestones": tuple(c.milestones), "resume": "auto"})
+                    for c in cfgs(sys.argv[1], root, steps=int(sys.argv[4]))])
+"""
+
+
+def test_kill_9_then_resume_side_by_side_is_bit_identical(tiny_cifar, tmp_path):
+    alone = [train(c) for c in cfgs(tiny_cifar, tmp_path / "alone", steps=40)]
+    root = tmp_path / "together"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL, str(tiny_cifar), str(root), str(REPO / "tests"), "40"])
+    try:
+        deadline = time.time() + 240
+        # kill once every run has a checkpoint past its first, mid-run for all three
+        while not all(len(list((root / n / "checkpoints").glob("step-*"))) >= 2 for n in ("r8", "p8", "r14")):
+            assert proc.poll() is None, "side-by-side training ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (root / "r8" / "summary.json").exists(), "killed too late to test a resume"
+    resumed = train_side_by_side([c.__class__(**{**c.to_dict(), "milestones": tuple(c.milestones), "resume": "auto"})
+                                  for c in cfgs(tiny_cifar, root, steps=40)])
+    for a, t in zip(alone, resumed):
+        assert a.step == t.step
+        assert_same_run(Path(a.out), Path(t.out))
+
+
+def test_a_failing_run_does_not_stop_the_others(tiny_cifar, tmp_path):
+    good, bad, _ = cfgs(tiny_cifar, tmp_path, steps=8)
+    bad = bad.__class__(**{**bad.to_dict(), "milestones": tuple(bad.milestones), "model": "no-such-net"})
+    with pytest.raises(SideBySideError, match="no-such-net") as e:
+        train_side_by_side([good, bad])
+    assert list(e.value.errors) == [bad.out]
+    assert json.loads((Path(good.out) / "summary.json").read_text())["steps"] == 8
+
+
+def test_side_by_side_refuses_shared_output_dirs(tiny_cifar, tmp_path):
+    a, b, _ = cfgs(tiny_cifar, tmp_path)
+    with pytest.raises(ValueError, match="output directory each"):
+        train_side_by_side([a, b.__class__(**{**b.to_dict(), "milestones": tuple(b.milestones), "out": a.out})])
