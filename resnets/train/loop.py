@@ -518,6 +518,8 @@ def train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
         raise ValueError("steps and batch_size must be positive")
     main = ctx.is_main
     rt = pick_runtime(device, cfg.precision, cfg.channels_last)
+    if rt.is_cuda:   # fixed batch shapes: let cuDNN time its kernels once and keep the fastest
+        torch.backends.cudnn.benchmark = True
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     resume_from = find_resume(cfg)

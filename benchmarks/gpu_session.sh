@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# A lent GPU session (15 min of device time, start included) in three calls, most valuable last-resort-proof:
+# every part writes what it has to $OUT as it goes, so a call cut short still brings numbers back.
+#
+#   ../shared/gpu/stage-cifar10 .devdata                  # here, once (.devdata is git-ignored)
+#   call 1  carry [".devdata/p1"]  bash benchmarks/gpu_session.sh sbs      # side by side vs one at a time (~2.5 min)
+#   call 2  carry [".devdata/p2"]  true                                    # the second third of CIFAR-10
+#   call 3  carry [".devdata/p3"]  bash .devdata/p3/assemble.sh .devdata && SEEDS=2 bash benchmarks/gpu_session.sh paper
+#   call 4  (if time is left)      BUDGET=150 bash benchmarks/gpu_session.sh suite
+#
+# sbs:   benchmarks/side_by_side.py (issue 15): the nine paper-preset nets, graphs only and end to end.
+# paper: `resnets reproduce cifar10 --preset paper --depths 20 --val-split 5000` (Sec. 4.2: 64k iterations on the
+#        45k/5k split, plain-20 and ResNet-20, SEEDS seeds each, side by side), then the final weights on the test
+#        set. $OUT/paper-results.tar.gz: logs, results, figures; $OUT/paper-weights.tar: the last checkpoints.
+#        LIMIT (seconds, default 420) stops training and still packs what is there (resumable from those
+#        checkpoints with --resume, which reproduce does by itself).
+# suite: benchmarks/gpu_suite.sh (graph vs eager losses, CIFAR graph speed, ResNet-50 vs torchvision/timm).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export OUT=${OUT:-./gpu-session-out} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$OUT"
+what=${1:?usage: gpu_session.sh sbs|paper|suite}
+python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__,
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA")' | tee -a "$OUT/device.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee -a "$OUT/device.txt"
+case $what in
+  sbs)
+    python3 benchmarks/side_by_side.py --out "$OUT" "${@:2}" 2>&1 | tee "$OUT/side_by_side.log" ;;
+  paper)
+    work=/tmp/paper
+    mkdir -p "$work"
+    t0=$(date +%s)
+    timeout -s INT "${LIMIT:-420}" python3 -m resnets.cli reproduce cifar10 --preset paper --depths 20 \
+        --seeds "${SEEDS:-1}" --val-split "${VAL:-5000}" --data "${DATA:-.devdata}" --out "$work/reproduce" --no-progress \
+        ${STEPS:+--steps "$STEPS"} 2>&1 | tee "$OUT/paper.log"
+    echo "paper: exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/paper.log"
+    (cd "$work" && tar czf "$OUT/paper-results.tar.gz" --exclude='checkpoints' reproduce)
+    (cd "$work" && find reproduce -path '*/checkpoints/step-*' -type f | tar cf "$OUT/paper-weights.tar" -T -)
+    ls -la "$OUT" ;;
+  suite)
+    bash benchmarks/gpu_suite.sh --budget-s "${BUDGET:-300}" "${@:2}" 2>&1 | tee "$OUT/gpu_suite.log" ;;
+  *)
+    echo "unknown part $what" >&2; exit 2 ;;
+esac

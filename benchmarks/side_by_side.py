@@ -1,0 +1,248 @@
+"""One at a time against side by side (issue 15): the paper preset's nine CIFAR nets on one GPU.
+
+    python3 benchmarks/side_by_side.py --out $OUT          # a GPU: about 2 min on an H100
+    python3 benchmarks/side_by_side.py --smoke             # any machine, seconds (tiny nets; checks the script)
+
+Two measurements, each printed as soon as it is done and written to OUT/side_by_side.json:
+
+1. graphs: each net's whole training step captured once (resnets.train.graphs.StaticStep, batch 128, bf16,
+   channels_last, synthetic data) and replayed (a) one net after another on one stream, (b) round-robin with a
+   CUDA stream per net, (c) all nets' steps captured into one graph with a parallel branch per net.
+2. end to end: real training runs (resnets.train.train_steps: on-device augmentation, logging, the captured step)
+   on synthetic CIFAR-format data, each alone and then all of them side by side
+   (resnets.train.side_by_side.train_side_by_side), for sets of nets: the nine, and the pairs the paper preset
+   trains first. ms per round = time for one step of every net in the set.
+
+Ratio = (sum of the nets' ms/step alone) / (ms per round side by side): the aggregate throughput gain.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from resnets.config import recipe  # noqa: E402
+from resnets.data.cifar import CifarData  # noqa: E402
+from resnets.models import create_model  # noqa: E402
+from resnets.train import train  # noqa: E402
+from resnets.train.graphs import StaticStep  # noqa: E402
+from resnets.train.runtime import pick_runtime  # noqa: E402
+from resnets.train.side_by_side import train_side_by_side  # noqa: E402
+
+# Fig. 6 left (plain-20/32/44/56) and right / Table 6 (ResNet-20/32/44/56/110): the paper preset's nine nets
+NINE = [("plain", 20), ("plain", 32), ("plain", 44), ("plain", 56),
+        ("resnet", 20), ("resnet", 32), ("resnet", 44), ("resnet", 56), ("resnet", 110)]
+SETS = {"nine": NINE, "r20+p20": [("resnet", 20), ("plain", 20)],
+        "2x(r20+p20)": [("resnet", 20), ("plain", 20), ("resnet", 20), ("plain", 20)]}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class Timer:
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def ms(self, fn, rounds: int, repeats: int = 5) -> float:
+        """Median over ``repeats`` of the wall time of ``rounds`` calls of ``fn``, per call."""
+        fn()
+        self.sync()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(rounds):
+                fn()
+            self.sync()
+            times.append((time.perf_counter() - t) * 1000 / rounds)
+        return statistics.median(times)
+
+
+def graphs_part(nets, batch: int, rounds: int, smoke: bool) -> dict:
+    rt = pick_runtime("auto")
+    timer = Timer(rt.is_cuda)
+    statics = []
+    for net, depth in nets:
+        torch.manual_seed(0)
+        model = create_model(f"{net}20", depth=depth).to(rt.device, memory_format=rt.memory_format).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        s = StaticStep(model, opt, rt.autocast, (batch, 3, 32, 32), rt.device, rt.memory_format, capture=rt.is_cuda)
+        x = torch.randn(batch, 3, 32, 32, device=rt.device).contiguous(memory_format=rt.memory_format)
+        y = torch.randint(0, 10, (batch,), device=rt.device)
+        for _ in range(4):       # 3 warm-up steps, then the capture
+            s(x, y)
+        statics.append(s)
+    replay = (lambda s: s.graph.replay()) if rt.is_cuda else (lambda s: s._eager())
+    res: dict = {"nets": [f"{n}-{d}" for n, d in nets], "batch": batch, "runtime": rt.describe()}
+    res["alone_ms"] = [timer.ms(lambda s=s: replay(s), rounds) for s in statics]
+    res["one_stream_ms"] = timer.ms(lambda: [replay(s) for s in statics], rounds)
+    if rt.is_cuda:
+        streams = [torch.cuda.Stream() for _ in statics]
+
+        def round_robin():
+            for s, st in zip(statics, streams):
+                with torch.cuda.stream(st):
+                    s.graph.replay()
+        cur = torch.cuda.current_stream()
+        for st in streams:
+            st.wait_stream(cur)
+        res["streams_ms"] = timer.ms(round_robin, rounds)
+        # (c) one graph, a branch per net: forked from and joined back to the capture stream
+        torch.cuda.synchronize()
+        for s in statics:
+            s.optimizer.zero_grad(set_to_none=True)
+        big = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(big):
+            cs = torch.cuda.current_stream()
+            for s, st in zip(statics, streams):
+                st.wait_stream(cs)
+                with torch.cuda.stream(st):
+                    s._body()
+                cs.wait_stream(st)
+        res["one_graph_ms"] = timer.ms(big.replay, rounds)
+    total = sum(res["alone_ms"])
+    res["alone_sum_ms"] = total
+    for k in ("one_stream_ms", "streams_ms", "one_graph_ms"):
+        if k in res:
+            res[k.replace("_ms", "_ratio")] = total / res[k]
+    return res
+
+
+def synthetic_cifar(n_train: int, n_test: int) -> CifarData:
+    rng = np.random.default_rng(0)
+    return CifarData("cifar10", rng.integers(0, 256, (n_train, 3, 32, 32), dtype=np.uint8),
+                     rng.integers(0, 10, n_train), rng.integers(0, 256, (n_test, 3, 32, 32), dtype=np.uint8),
+                     rng.integers(0, 10, n_test), [f"c{i}" for i in range(10)], "synthetic")
+
+
+def end_to_end_part(nets, data, steps: int, batch: int, root: Path) -> dict:
+    """ms/step of each run alone, and ms per round of all of them side by side, from steps//3 to steps."""
+    k1, k2 = steps // 3, steps
+    log_every = steps // 3
+
+    def cfg(i, net, depth, tag):
+        return recipe("cifar-paper", model=f"{net}20", model_kwargs={"depth": depth}, steps=steps, seed=i,
+                      batch_size=batch, milestones=(10 * steps,), eval_every=10 * steps, eval_subset=500,
+                      log_every=log_every, checkpoint_every=0, progress=False, warmup_lr=None,
+                      out=str(root / tag / f"{i}-{net}{depth}"))
+
+    alone = []
+    for i, (net, depth) in enumerate(nets):
+        t: dict[int, float] = {}
+        train(cfg(i, net, depth, "alone"), data=data,
+              on_log=lambda r, t=t: t.__setitem__(r["step"], time.perf_counter()) if r["split"] == "train" else None)
+        alone.append((t[k2] - t[k1]) * 1000 / (k2 - k1))
+    seen: dict[int, float] = {}
+    cfgs = [cfg(i, n, d, "together") for i, (n, d) in enumerate(nets)]
+
+    def on_log(c, r):
+        # The first run's records: between its records of steps k1 and k2 every run takes exactly k2 - k1 steps
+        # (the last run's would also hold the other runs' final evaluations).
+        if r["split"] == "train" and c.out == cfgs[0].out:
+            seen[r["step"]] = time.perf_counter()
+
+    t0 = time.perf_counter()
+    train_side_by_side(cfgs, data=data, on_log=on_log)
+    wall = time.perf_counter() - t0
+    together = (seen[k2] - seen[k1]) * 1000 / (k2 - k1)
+    return {"nets": [f"{n}-{d}" for n, d in nets], "steps": steps, "timed_steps": [k1, k2], "alone_ms": alone,
+            "alone_sum_ms": sum(alone), "side_by_side_ms_per_round": together, "ratio": sum(alone) / together,
+            "side_by_side_wall_s": wall, "img_per_s_side_by_side": len(nets) * batch * 1000 / together,
+            "paper_64k_min_side_by_side": 64000 * together / 60000, "paper_64k_min_alone": 64000 * sum(alone) / 60000}
+
+
+def table(res: dict) -> str:
+    lines = []
+    g = res.get("graphs")
+    if g:
+        lines += [f"graphs only ({g['runtime']}, batch {g['batch']}): ms/step alone per net",
+                  "| " + " | ".join(g["nets"]) + " | sum |", "|" + "---|" * (len(g["nets"]) + 1),
+                  "| " + " | ".join(f"{v:.2f}" for v in g["alone_ms"]) + f" | {g['alone_sum_ms']:.2f} |", "",
+                  "| nine nets, one step each | ms per round | aggregate ratio vs alone |", "|---|---|---|"]
+        for k, name in (("one_stream", "one after another, one stream"), ("streams", "round-robin, a stream each"),
+                        ("one_graph", "one graph, a branch per net")):
+            if f"{k}_ms" in g:
+                lines.append(f"| {name} | {g[k + '_ms']:.2f} | {g[k + '_ratio']:.2f}x |")
+        lines.append("")
+    for name, e in res.get("end_to_end", {}).items():
+        lines += [f"end to end, {name} ({', '.join(e['nets'])}), {e['steps']} steps:",
+                  "| alone: sum of ms/step | side by side: ms/round | ratio | img/s side by side | "
+                  "64k steps alone / side by side |", "|---|---|---|---|---|",
+                  f"| {e['alone_sum_ms']:.2f} ({', '.join(f'{v:.2f}' for v in e['alone_ms'])}) | "
+                  f"{e['side_by_side_ms_per_round']:.2f} | {e['ratio']:.2f}x | {e['img_per_s_side_by_side']:,.0f} | "
+                  f"{e['paper_64k_min_alone']:.1f} / {e['paper_64k_min_side_by_side']:.1f} min |", ""]
+    for err in res["errors"]:
+        lines.append(f"- FAILED: {err['what']}: {err['error']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT") or "./bench-out")
+    p.add_argument("--smoke", action="store_true", help="tiny nets, few steps (checks the script on a CPU)")
+    p.add_argument("--steps", type=int, default=300, help="steps per run, end to end (timed over the last 2/3)")
+    p.add_argument("--rounds", type=int, default=30, help="rounds per timed repeat, graphs only")
+    p.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    p.add_argument("--skip-graphs", action="store_true")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    res: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu",
+                 "date": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": os.getloadavg(), "errors": [],
+                 "end_to_end": {}}
+    log(f"[side_by_side] {res['device']}, torch {res['torch']}, smoke={args.smoke}")
+    batch = 16 if args.smoke else 128
+    sets = {k: [(n, 8 if args.smoke else d) for n, d in SETS[k]] for k in args.sets}
+    steps = 12 if args.smoke else args.steps
+
+    def save():
+        res["loadavg_end"] = os.getloadavg()
+        (out / "side_by_side.json").write_text(json.dumps(res, indent=1) + "\n")
+        (out / "side_by_side.md").write_text(table(res) + "\n")
+
+    def part(what, fn):
+        t = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:   # one failing part must not cost the others' numbers
+            res["errors"].append({"what": what, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()})
+            log(f"[side_by_side] {what} FAILED: {type(e).__name__}: {e}")
+        save()
+        log(f"[side_by_side] {what}: {time.perf_counter() - t:.1f} s")
+
+    if not args.skip_graphs:
+        def g():
+            res["graphs"] = graphs_part([(n, 8 if args.smoke else d) for n, d in NINE], batch,
+                                        3 if args.smoke else args.rounds, args.smoke)
+            log(table({"graphs": res["graphs"], "errors": []}))
+        part("graphs", g)
+    n_train = 2000 if args.smoke else 50000
+    data = synthetic_cifar(n_train, 500)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, nets in sets.items():
+            def e(name=name, nets=nets):
+                res["end_to_end"][name] = end_to_end_part(nets, data, steps, batch, Path(tmp) / name)
+                log(table({"end_to_end": {name: res["end_to_end"][name]}, "errors": []}))
+            part(f"end to end {name}", e)
+    save()
+    return 1 if res["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
