@@ -96,6 +96,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--checkpoint-every", type=int)
     r.add_argument("--keep-last", type=int)
     r.add_argument("--resume", help="checkpoint directory, or 'auto' for the newest in --out")
+    r.add_argument("--overwrite", action="store_true", default=None,
+                   help="start fresh in an --out that holds a run: the old run is moved to OUT.old-TIMESTAMP")
+    r.add_argument("--checkpoint-minutes", type=float,
+                   help="also checkpoint when this many minutes passed since the last (default 10; 0: off)")
     r.add_argument("--log-format", choices=["jsonl", "csv"])
     r.add_argument("--tensorboard", action="store_true", default=None)
     r.add_argument("--no-progress", action="store_true")
@@ -105,6 +109,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     d.add_argument("--no-channels-last", action="store_true")
     d.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    d.add_argument("--no-compile", action="store_false", dest="compile", help="no torch.compile (cifar-fast uses it)")
     d.add_argument("--no-cuda-graph", action="store_true", help="never capture the step in a CUDA graph")
     d.add_argument("--threads", type=int, help="CPU threads for torch")
     d.add_argument("--sync-bn", action="store_true", default=None,
@@ -117,7 +122,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     i.add_argument("--eval-resize", type=int, help="shorter side before the test centre crop (256)")
     i.add_argument("--lighting", type=float, help="PCA colour augmentation strength (0.1; 0 disables)")
     i.add_argument("--label-smoothing", type=float, help="not the paper (imagenet-modern uses 0.1)")
-    i.add_argument("--lr-schedule", choices=["step", "cosine"], help="not the paper: cosine (imagenet-modern)")
+    i.add_argument("--lr-schedule", choices=["step", "cosine", "one-cycle"],
+                   help="not the paper: cosine (imagenet-modern), one-cycle (cifar-fast)")
+    i.add_argument("--lr-warmup", type=float, help="one-cycle: fraction of the steps for the lr to rise (0.04)")
+    i.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (not the paper)")
 
 
 def train_config(args: argparse.Namespace):
@@ -130,11 +138,13 @@ def train_config(args: argparse.Namespace):
         "warmup_lr": args.warmup_lr, "val_split": args.val_split, "normalize": args.normalize, "seed": args.seed,
         "eval_every": args.eval_every, "eval_subset": args.eval_subset, "log_every": args.log_every,
         "checkpoint_every": args.checkpoint_every, "keep_last": args.keep_last, "resume": args.resume,
+        "overwrite": args.overwrite, "checkpoint_minutes": args.checkpoint_minutes,
         "log_format": args.log_format, "tensorboard": args.tensorboard, "on_nan": args.on_nan,
         "device": args.device, "precision": args.precision, "compile": args.compile, "threads": args.threads,
         "out": args.out, "sync_bn": args.sync_bn, "workers": args.workers, "crop": args.crop,
         "resize_min": args.resize_min, "resize_max": args.resize_max, "eval_resize": args.eval_resize,
         "lighting": args.lighting, "label_smoothing": args.label_smoothing, "lr_schedule": args.lr_schedule,
+        "lr_warmup": args.lr_warmup, "nesterov": args.nesterov,
     }
     if args.config:
         import dataclasses
@@ -181,8 +191,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def shipped_or_checkpoint(args: argparse.Namespace, command: str) -> str:
+    """--checkpoint PATH, or --model NAME --weights TAG: the shipped weights file (SHA-256 checked)."""
+    from .models import pretrained
+
+    if args.checkpoint and (args.model or args.weights):
+        raise ValueError(f"resnets {command}: give --checkpoint, or --model with --weights, not both")
+    if args.checkpoint:
+        return args.checkpoint
+    if not (args.model and args.weights):
+        raise ValueError(f"resnets {command}: give --checkpoint PATH, or --model NAME --weights TAG (shipped: "
+                         f"{', '.join(pretrained.available()) or 'none'})")
+    return str(pretrained.checked_path(args.model, args.weights))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .train.evaluate import evaluate_checkpoint
+    args.checkpoint = shipped_or_checkpoint(args, "evaluate")
     from .train.evaluate import evaluate_imagefolder_checkpoint, is_imagefolder_checkpoint
 
     if args.ten_crop or args.multi_scale or is_imagefolder_checkpoint(args.checkpoint):
@@ -248,7 +273,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from .predict import format_predictions, predict
 
-    res = predict(args.checkpoint, args.images, top_k=args.top_k, device=args.device)
+    res = predict(shipped_or_checkpoint(args, "predict"), args.images, top_k=args.top_k, device=args.device)
     print(json.dumps(res, indent=2) if args.json else format_predictions(res))
     return 0
 
@@ -278,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="top-1/top-5 test error of a checkpoint")
-    e.add_argument("--checkpoint", required=True, help="checkpoint directory or model.safetensors")
+    e.add_argument("--checkpoint", help="checkpoint directory or model.safetensors")
+    e.add_argument("--model", help="with --weights: a net with shipped weights (docs/models.md)")
+    e.add_argument("--weights", help="with --model: shipped weights, e.g. cifar10 (docs/models.md)")
     e.add_argument("--data", help="directory with the data set")
     e.add_argument("--device", default="auto")
     e.add_argument("--subset", type=int, help="only the first N test images")
@@ -335,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("predict", help="top-5 classes of image files, with a trained checkpoint")
-    pr.add_argument("--checkpoint", required=True, help="checkpoint directory or model.safetensors")
+    pr.add_argument("--checkpoint", help="checkpoint directory or model.safetensors")
+    pr.add_argument("--model", help="with --weights: a net with shipped weights")
+    pr.add_argument("--weights", help="with --model: shipped weights, e.g. cifar10 (docs/models.md)")
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     pr.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
     pr.add_argument("--json", action="store_true", help="JSON output")
@@ -359,8 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .train.rundir import StoppedBySignal
     try:
         return args.func(args)
+    except StoppedBySignal as e:   # SIGTERM/SIGINT: checkpoint written, exit as the signal asked (143 / 130)
+        print(f"resnets {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except (ValueError, FileNotFoundError) as e:
         print(f"resnets {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -370,8 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         from .export import ExportError
         from .models import WeightsDownloadError
         from .train import CheckpointError, NonFiniteLossError
+        from .train.rundir import RunDirError
+        from .train.side_by_side import SideBySideError
         if isinstance(e, (CorruptDataError, DataNotFoundError, CheckpointError, NonFiniteLossError, ExportError,
-                          WeightsDownloadError)):
+                          WeightsDownloadError, RunDirError, SideBySideError)):
             print(f"resnets {args.command}: error: {e}", file=sys.stderr)
             return 1
         raise

@@ -132,15 +132,19 @@ def test_load_via_cache(clean_env, tmp_path):
     assert data.source.startswith("cache")
 
 
-def test_empty_explicit_dir_falls_through_and_is_reported(clean_env, tmp_path):
+def test_explicit_dir_without_data_is_an_error_never_a_fallback(clean_env, tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(DataNotFoundError) as ei:
-        load_cifar("cifar10", root=empty, download=False)
-    msg = str(ei.value)
-    assert str(empty) in msg and str(clean_env) in msg and "download=False" in msg
-    ref = write_fake_cifar10(clean_env)  # now the cache has it: the empty root is skipped
-    assert_same(load_cifar("cifar10", root=empty, download=False), ref)
+    write_fake_cifar10(clean_env)  # the cache has data, and must not be used in place of the named directory
+    for named in (empty, tmp_path / "nowhere"):
+        with pytest.raises(DataNotFoundError) as ei:
+            load_cifar("cifar10", root=named, download=False)
+        msg = str(ei.value)
+        assert str(named) in msg and "never replaced by the cache" in msg
+        assert ("does not exist" if named.name == "nowhere" else "holds no cifar-10-batches-py") in msg
+    monkeypatch.setenv("RESNETS_DATA", str(tmp_path / "typo"))
+    with pytest.raises(DataNotFoundError, match=r"\$RESNETS_DATA.*typo.*does not exist"):
+        load_cifar("cifar10", download=False)
 
 
 def test_cifar100_layout(clean_env, tmp_path):
@@ -404,14 +408,13 @@ def test_all_sources_fail_names_each(clean_env, tmp_path, monkeypatch):
     empty_bin = tmp_path / "bin"
     empty_bin.mkdir()
     monkeypatch.setenv("PATH", str(empty_bin))  # no npm
-    nowhere = tmp_path / "nowhere"
     url = closed_port_url()
     t0 = time.monotonic()
     with pytest.raises(DataNotFoundError) as ei:
-        load_cifar("cifar10", root=nowhere, url=url, progress=False)
+        load_cifar("cifar10", url=url, progress=False)
     assert time.monotonic() - t0 < 10  # fails fast
     msg = str(ei.value)
-    for needle in (str(nowhere), "does not exist", "cache", str(clean_env), url, "refused",
+    for needle in ("none given", "does not exist", "cache", str(clean_env), url, "refused",
                    "npm is not on PATH", "--data", "RESNETS_DATA", "network"):
         assert needle in msg, (needle, msg)
     with pytest.raises(DataNotFoundError, match="not available for cifar100"):

@@ -605,15 +605,20 @@ def load_cifar(
         _check_complete(name, folder)
         return _read_folder(name, folder, f"{label} {folder}")
 
-    # 1. explicit directory
-    if root is not None:
-        data = attempt("directory (root argument)", Path(root).expanduser())
+    # 1. explicit directory: used as given. A mistyped path must not silently train on other data (the cache or a
+    # download), so a directory that was named but holds no such data set is an error.
+    explicit = [(label, d) for label, d in (("directory (root argument / --data)", root),
+                                            ("directory ($RESNETS_DATA)", os.environ.get("RESNETS_DATA") or None))
+                if d is not None][:1]
+    if explicit:
+        label, d = explicit[0]
+        data = attempt(label, Path(d).expanduser())
         if data is not None:
             return data
-    elif os.environ.get("RESNETS_DATA"):
-        data = attempt("directory ($RESNETS_DATA)", Path(os.environ["RESNETS_DATA"]).expanduser())
-        if data is not None:
-            return data
+        raise DataNotFoundError(
+            f"{tried[-1]}. A data directory that is named (--data DIR, root=DIR or RESNETS_DATA) is used as given, "
+            f"never replaced by the cache or a download: name the directory that holds {folder_name}/ (or that "
+            f"folder itself), or name none to use the cache ({default_cache_dir()}) or a download.")
     else:
         tried.append("explicit directory: none given (no root argument / --data DIR, RESNETS_DATA not set)")
 

@@ -409,7 +409,8 @@ def plot_fig6(results: dict[str, Any], path: str | Path) -> Path:
         ax.set_title(f"{'plain nets' if net == 'plain' else 'ResNets'} on CIFAR-10")
         ax.set_xlabel(unit)
         ax.grid(alpha=0.3)
-        ax.legend(title="dashed: training, bold: test", fontsize=8)
+        held_out = "validation" if results["config"].get("val_split") else "test"
+        ax.legend(title=f"dashed: training, bold: {held_out}", fontsize=8)
     axes[0][0].set_ylabel("error (%)")
     fig.suptitle(f"He et al. 2015 Fig. 6, reproduced (preset {results['preset']}, {steps} iterations)")
     fig.tight_layout()

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from . import paper
+from . import paper, pretrained
 from .blocks import BasicBlock, Bottleneck
 from .resnet import CifarResNeXt, CifarResNet, ResNet
 
@@ -163,10 +163,14 @@ def _load_weights(model: nn.Module, name: str, weights: Any, weights_url: str | 
         tag = weights.split(":", 1)[1] if ":" in weights else None
         sd = _download_state_dict(torchvision_weights_url(name, tag, weights_url), name, progress)
         source = f"torchvision's {tag or 'DEFAULT'} weights"
+    elif pretrained.is_pretrained_tag(weights):
+        path = pretrained.checked_path(name, weights)
+        sd, source = load_state_dict_file(path), f"the shipped {weights!r} weights ({path.name})"
     elif isinstance(weights, (str, os.PathLike)):
         sd, source = load_state_dict_file(weights), os.fspath(weights)
     else:
-        raise ValueError(f"weights must be None, 'torchvision', 'torchvision:TAG' or a file path; got {weights!r}")
+        raise ValueError(f"weights must be None, a shipped tag such as 'cifar10', 'torchvision', 'torchvision:TAG' "
+                         f"or a file path; got {weights!r}")
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
@@ -180,7 +184,8 @@ def create_model(name: str, weights: str | os.PathLike | None = None, *, weights
     """Build a registered network. Overrides: num_classes, shortcut ("A" | "B" | "C"), stride_in ("1x1" | "3x3"),
     zero_init_residual, depth (any 6n+2 for the CIFAR nets), in_channels, and the family's own arguments.
 
-    ``weights``: None (random initialisation); "torchvision" (or "torchvision:IMAGENET1K_V1" etc.) for torchvision's
+    ``weights``: None (random initialisation); "cifar10" (or another tag of ``resnets.models.pretrained``) for the
+    CIFAR-10 weights shipped in the package, SHA-256-checked (docs/models.md); "torchvision" (or "torchvision:IMAGENET1K_V1" etc.) for torchvision's
     published ImageNet weights, fetched once into torch.hub's cache (TORCH_HOME) and hash-checked; bottleneck nets
     are then ResNet v1.5 (stride_in="3x3"). ``weights_url`` (or env RESNETS_WEIGHTS_URL) fetches them from a mirror
     instead. Or a path to a weights file (``.pth`` read with weights_only=True, or ``.safetensors``).
@@ -208,6 +213,11 @@ def create_model(name: str, weights: str | os.PathLike | None = None, *, weights
         raise ValueError(f"{name}: {e}") from None
     model.model_name = name  # type: ignore[assignment]
     model.model_kwargs = {k: v for k, v in overrides.items()}  # type: ignore[assignment]
+    if pretrained.is_pretrained_tag(weights):
+        wanted = pretrained.shipped_kwargs(name, weights)
+        clash = {k: v for k, v in overrides.items() if wanted.get(k, kwargs.get(k)) != v}
+        if clash:
+            raise ValueError(f"the shipped {weights!r} weights of {name} are for {name}{wanted or ''}; drop {clash}")
     if weights is not None:
         _load_weights(model, name, weights, weights_url, progress)
     return model

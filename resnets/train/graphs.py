@@ -36,12 +36,13 @@ class StaticStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, autocast, batch_shape: tuple[int, ...],
                  device: torch.device, memory_format: torch.memory_format, capture: bool, warmup: int = 3,
-                 compile: bool = False):
+                 compile: bool = False, label_smoothing: float = 0.0):
         if capture and warmup < 1:
             raise ValueError("a captured step needs warmup >= 1 (optimizer state and cuDNN algorithms)")
         self.model, self.optimizer, self.autocast = model, optimizer, autocast
         self.forward = torch.compile(model) if compile else model
         self.capture = capture
+        self.label_smoothing = label_smoothing
         self.warmup = warmup
         self.calls = 0
         self.replays = 0
@@ -56,7 +57,7 @@ class StaticStep:
     def _body(self) -> None:
         with self.autocast():
             logits = self.forward(self.x)
-            loss = F.cross_entropy(logits, self.y)
+            loss = F.cross_entropy(logits, self.y, label_smoothing=self.label_smoothing)
         loss.backward()
         self.optimizer.step()
         self.loss, self.wrong = loss.detach(), (logits.argmax(1) != self.y).sum()
@@ -66,13 +67,14 @@ class StaticStep:
         self._body()
 
     def _capture(self) -> None:
+        # Each capture gets a pool of its own. Dropping the old graph releases its pool, and capturing into a
+        # released pool trips the allocator's "use_count > 0" assert (torch 2.11, H200, at the first lr change).
+        self.graph = None
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph, pool=self.pool):
+        with torch.cuda.graph(self.graph):
             self._body()
-        if self.pool is None:
-            self.pool = self.graph.pool()
         self.graph_lr = self.optimizer.param_groups[0]["lr"]
         self.captures += 1
 
@@ -111,8 +113,6 @@ def graph_applies(cfg, rt, distributed: bool = False) -> tuple[bool, str]:
         return False, "on_nan='skip' decides on the host inside each step"
     if distributed:
         return False, "the captured step has no DDP gradient all-reduce"
-    if getattr(cfg, "label_smoothing", 0):
-        return False, "the captured step has no label smoothing"
     return True, ""
 
 
@@ -124,7 +124,8 @@ def maybe_graph_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer, rt
             warnings.warn(f"CUDA graph requested but not used: {why}; training eagerly")
         return eager_step
     x, _ = loader.batch(0)
-    static = StaticStep(model, optimizer, rt.autocast, tuple(x.shape), rt.device, rt.memory_format, capture=True)
+    static = StaticStep(model, optimizer, rt.autocast, tuple(x.shape), rt.device, rt.memory_format, capture=True,
+                        label_smoothing=getattr(cfg, "label_smoothing", 0.0) or 0.0)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         nonlocal static

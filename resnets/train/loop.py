@@ -44,6 +44,7 @@ from ..data import DeviceLoader, Normalizer, load_cifar
 from ..models import create_model
 from . import checkpoint as ck
 from . import distributed as ddp
+from .rundir import GracefulStop, RunDirError, RunLock, StoppedBySignal, check_fresh_start, check_resume_config
 from .runtime import Runtime, pick_runtime
 
 
@@ -61,8 +62,14 @@ def learning_rate(cfg: TrainConfig, step: int, warming_up: bool) -> float:
     base = cfg.warmup_lr if warming_up else cfg.lr
     if cfg.lr_schedule == "cosine" and not warming_up:
         return float(base) * 0.5 * (1.0 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
-    if cfg.lr_schedule not in ("step", "cosine"):
-        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; choose step or cosine")
+    if cfg.lr_schedule == "one-cycle" and not warming_up:
+        # cifar-fast (not the paper): linear rise from base/10 over lr_warmup of the steps, then linear decay to 0
+        rise = max(1, round(cfg.lr_warmup * cfg.steps))
+        if step < rise:
+            return float(base) * (0.1 + 0.9 * step / rise)
+        return float(base) * max(0.0, (cfg.steps - step) / max(1, cfg.steps - rise))
+    if cfg.lr_schedule not in ("step", "cosine", "one-cycle"):
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; choose step, cosine or one-cycle")
     return float(base) * cfg.gamma ** sum(step >= m for m in cfg.milestones)
 
 
@@ -491,7 +498,8 @@ def train(cfg: TrainConfig, *, data=None, on_log: Callable[[dict[str, Any]], Non
     global batch under DistributedDataParallel and leaves the group at the end."""
     ctx, device = ddp.setup(cfg.device)
     try:
-        return run_to_end(train_steps(cfg, ctx, device, data, on_log))
+        with GracefulStop() as stop:
+            return run_to_end(train_steps(cfg, ctx, device, data, on_log, stop))
     finally:
         ddp.teardown(ctx)
 
@@ -506,9 +514,51 @@ def run_to_end(steps: Iterator[int]) -> TrainResult:
 
 
 def train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
-                on_log: Callable[[dict[str, Any]], None] | None) -> Generator[int, None, TrainResult]:
+                on_log: Callable[[dict[str, Any]], None] | None,
+                stop: GracefulStop | None = None) -> Generator[int, None, TrainResult]:
     """The loop as a generator: it yields the number of steps done after every step and returns the
-    :class:`TrainResult`. :func:`train` drives one to its end; :mod:`.side_by_side` interleaves several."""
+    :class:`TrainResult`. :func:`train` drives one to its end; :mod:`.side_by_side` interleaves several.
+
+    The run owns ``cfg.out`` for its whole life (:class:`resnets.train.rundir.RunLock`, rank 0 under torchrun);
+    when ``stop`` has caught SIGTERM/SIGINT, the loop writes a checkpoint after the current step and raises
+    :class:`StoppedBySignal`."""
+    cfg.validate(source="train")          # before anything touches cfg.out
+    lock = _own_run_dir(cfg, ctx)
+    try:
+        return (yield from _train_steps(cfg, ctx, device, data, on_log, stop))
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def _own_run_dir(cfg: TrainConfig, ctx: ddp.DistContext) -> RunLock | None:
+    """Take ``cfg.out``'s lock and check a fresh run does not mix with an old one; every rank raises the same
+    RunDirError if rank 0 could not. Nothing is written to ``cfg.out`` before this succeeds."""
+    lock, error = None, None
+    if ctx.is_main:
+        try:
+            lock = RunLock(cfg.out).__enter__()
+            if cfg.resume is None:
+                moved = check_fresh_start(Path(cfg.out), cfg.overwrite)
+                if moved:
+                    print(moved, flush=True)
+        except RunDirError as e:
+            if lock is not None:
+                lock.__exit__(None, None, None)
+                lock = None
+            error = str(e)
+    if ctx.enabled:
+        error = ctx.broadcast_object(error)
+    if error is not None:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+        raise RunDirError(error)
+    return lock
+
+
+def _train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
+                 on_log: Callable[[dict[str, Any]], None] | None,
+                 stop: GracefulStop | None) -> Generator[int, None, TrainResult]:
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -533,6 +583,7 @@ def train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
         if resume.model_name != cfg.model:
             raise ck.CheckpointError(f"{resume.path}: is a checkpoint of {resume.model_name}, "
                                      f"but this run trains {cfg.model}")
+        check_resume_config(resume.meta.get("config"), cfg.to_dict(), str(resume.path))
 
     source = make_source(cfg, rt, ctx, data)
     if cfg.epochs:
@@ -566,7 +617,9 @@ def train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
     log = None
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
+        # overwrite is an instruction to this launch, not part of the run: a later --config must not repeat it
+        (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "overwrite": False}, indent=1,
+                                                    sort_keys=True) + "\n")
         log = RunLog(out, cfg.log_format, cfg.tensorboard, start if resume is not None else None)
     meta_base = {"model": cfg.model, "model_kwargs": {"num_classes": len(source.classes), **cfg.model_kwargs},
                  "classes": source.classes, "dataset": source.name, "config": cfg.to_dict(),
@@ -588,8 +641,19 @@ def train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
     def save(step: int, metrics: dict[str, Any] | None, path: Path | None = None) -> Path | None:
         if not main:
             return None
+        # Every rank calls save() at the same step (all the reasons to save are agreed on). The training-log sums
+        # since the last log line, over all ranks, go into the state, so a run stopped between log lines logs as
+        # if it had never stopped.
+        nonlocal t_ckpt
+        t_ckpt = time.perf_counter()
+        mine = torch.tensor([loss_acc.item(), float(wrong_acc.item()), float(seen)], dtype=torch.float64,
+                            device=rt.device if ctx.backend == "nccl" else "cpu")
+        per_rank = [[t[0].item(), int(t[1].item()), int(t[2].item())] for t in ctx.all_gather(mine)]
+        if not main:
+            return None
+        partial = {"per_rank": per_rank, "skipped": skipped}
         state = {"step": step, "optimizer": optimizer.state_dict(), "warming_up": warming,
-                 "recent_wrong": list(recent_wrong), "best": best, "rng": _rng_state(rt)}
+                 "recent_wrong": list(recent_wrong), "best": best, "rng": _rng_state(rt), "log_partial": partial}
         meta = {**meta_base, "step": step, "metrics": metrics}
         return ck.save_checkpoint(path or ckpt_dir / f"step-{step:08d}", model, meta=meta,
                                   preprocess=source.preprocess(), state=state)
@@ -615,6 +679,13 @@ def train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
     loss_acc = torch.zeros((), device=rt.device, dtype=torch.float32)
     wrong_acc = torch.zeros((), device=rt.device, dtype=torch.int64)
     seen, skipped, t_log = 0, 0, time.perf_counter()
+    t_ckpt = t_log
+    partial = resume.state.get("log_partial") if resume is not None else None
+    if partial and len(partial["per_rank"]) == ctx.world_size:    # (a different world size starts a fresh line)
+        loss_sum, wrong_sum, seen = partial["per_rank"][ctx.rank]
+        loss_acc.fill_(loss_sum)
+        wrong_acc.fill_(wrong_sum)
+        skipped = partial["skipped"]
     last_train: dict[str, Any] = {}
     final: dict[str, Any] = {}
     check_each_step = cfg.on_nan == "skip" or warming
@@ -691,13 +762,24 @@ def train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
                     if cfg.checkpoint_every > 0:
                         save(done, metrics, ckpt_dir / "best")
                 t_log = time.perf_counter()
-            if cfg.checkpoint_every > 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            saved_now = False
+            late = bool(cfg.checkpoint_minutes) and time.perf_counter() - t_ckpt >= 60 * cfg.checkpoint_minutes
+            stop_now, late = _agree(stop, late, ctx, rt) if done < cfg.steps else (False, False)
+            if cfg.checkpoint_every > 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps) or late:
                 last_good = save(done, metrics) or last_good
+                saved_now = True
                 if main:
                     ck.prune_checkpoints(ckpt_dir, cfg.keep_last)
                 t_log = time.perf_counter()
             if bar is not None:
                 bar.update(1)
+            if stop_now:
+                if not saved_now:
+                    last_good = save(done, metrics) or last_good
+                    if main:
+                        ck.prune_checkpoints(ckpt_dir, cfg.keep_last)
+                ctx.barrier()
+                raise StoppedBySignal(stop.signum or 15, done, last_good, out)
             yield done
     finally:
         if bar is not None:
@@ -715,6 +797,21 @@ def train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
                                                       "skipped_steps": skipped}, indent=1) + "\n")
     ctx.barrier()   # rank 0's last checkpoint is complete before any rank returns
     return result
+
+
+def _agree(stop: GracefulStop | None, late: bool, ctx: ddp.DistContext, rt: Runtime) -> tuple[bool, bool]:
+    """(stop after this step, write a time-based checkpoint now). Under torchrun every rank must take the same
+    decisions at the same step: one small all-reduce per step, with rank 0's clock deciding the checkpoint."""
+    signalled = stop is not None and stop.signum is not None
+    if not ctx.enabled:
+        return signalled, late
+    flags = torch.tensor([float(signalled), float(late and ctx.is_main)],
+                         device=rt.device if ctx.backend == "nccl" else "cpu")
+    ctx.all_reduce_sum(flags)
+    stop_now, late = flags[0].item() > 0, flags[1].item() > 0
+    if stop_now and not signalled:
+        stop.signum = 15          # another rank got the signal first
+    return stop_now, late
 
 
 def _with(cfg: TrainConfig, **changes: Any) -> TrainConfig:

@@ -30,6 +30,7 @@ import torch
 from ..config import TrainConfig
 from . import distributed as ddp
 from .loop import TrainResult, train_steps
+from .rundir import GracefulStop, StoppedBySignal
 from .runtime import pick_runtime
 
 
@@ -77,26 +78,31 @@ def train_side_by_side(cfgs: list[TrainConfig], *, data=None,
     rt = pick_runtime(dev)
     is_cuda = rt.is_cuda
     start_rng = torch.get_rng_state()
+    stop = GracefulStop()
     runs: list[_Run] = []
     for cfg in cfgs:
         # Progress bars of interleaved runs would overwrite one another; on_log reports instead.
         cfg = replace(cfg, progress=False)
         log = (lambda r, c=cfg: on_log(c, r)) if on_log is not None else None
-        runs.append(_Run(cfg, train_steps(cfg, ctx, dev, data, log),
+        runs.append(_Run(cfg, train_steps(cfg, ctx, dev, data, log, stop),
                          torch.cuda.Stream(rt.device) if is_cuda else None, start_rng.clone()))
     try:
-        active = list(runs)
-        while active:
-            for run in list(active):
-                if not _advance(run, is_cuda):
-                    active.remove(run)
-        if is_cuda:
-            torch.cuda.synchronize()
+        with stop:   # SIGTERM/SIGINT: every run checkpoints after its current step and stops
+            active = list(runs)
+            while active:
+                for run in list(active):
+                    if not _advance(run, is_cuda):
+                        active.remove(run)
+            if is_cuda:
+                torch.cuda.synchronize()
     finally:
-        for run in runs:           # an interrupt (Ctrl-C) closes every run: logs flushed, bars closed
+        for run in runs:           # a second signal closes every run: logs flushed, locks released
             run.steps.close()
         torch.set_rng_state(start_rng)
     errors = {r.cfg.out: r.error for r in runs if r.error is not None}
+    if errors and all(isinstance(e, StoppedBySignal) for e in errors.values()):
+        first = next(iter(errors.values()))
+        raise StoppedBySignal(first.signum, first.step, first.checkpoint, first.out, also=list(errors.values())[1:])
     if errors:
         raise SideBySideError(errors) from next(iter(errors.values()))
     return [r.result for r in runs]

@@ -1,0 +1,174 @@
+"""A run directory has one owner and holds one run.
+
+* :class:`RunLock`: an exclusive ``flock`` on ``OUT/.lock``, taken before the run writes anything. The kernel drops
+  it when its holder dies, even by SIGKILL, so a crash never leaves a stale lock; the file keeps the holder's pid,
+  host and start time for the message a second process gets.
+* :func:`check_fresh_start`: a run that does not resume refuses a directory that already holds a run, unless told
+  to ``--overwrite`` it, which moves the old run aside (nothing is deleted).
+* :func:`check_resume_config`: resuming with a config that differs from the checkpoint's in what defines the run
+  (model, data, batch, seed, recipe...) is refused, naming each difference.
+* :class:`GracefulStop`: SIGTERM or SIGINT asks the loop to stop after the current step with a checkpoint; a
+  second signal stops at once.
+"""
+from __future__ import annotations
+
+import datetime
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+LOCK = ".lock"
+# What defines a run: resuming with any of these changed would continue another run's weights under this name.
+# The rest (steps, epochs, milestones, lr schedule, evaluation/log/checkpoint cadence, threads...) may change.
+DEFINING = ("model", "model_kwargs", "dataset", "batch_size", "seed", "recipe", "val_split", "normalize", "augment")
+
+
+class RunDirError(RuntimeError):
+    """The run directory is in use, holds another run, or does not match the run being resumed."""
+
+
+class RunLock:
+    """``with RunLock(out):`` holds ``out/.lock`` exclusively, or raises RunDirError naming the holder."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        self.path = self.out / LOCK
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, running since "
+                       f"{holder.get('since', '?')}") if holder else "another process"
+                raise RunDirError(f"{self.out} is in use by {who}: one run per directory. Wait for it to end, stop "
+                                  f"it (it checkpoints on SIGTERM), or give this run another --out.") from None
+            raise
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)   # releases the flock; the file stays (removing it would race a new holder)
+            self.fd = None
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def run_contents(out: Path) -> list[str]:
+    """What in ``out`` belongs to a run (empty: no run there)."""
+    found = []
+    for name in ("config.json", "log.jsonl", "log.csv", "summary.json", "tensorboard"):
+        if (out / name).exists():
+            found.append(name)
+    ck = out / "checkpoints"
+    if ck.is_dir():
+        n = sum(1 for c in ck.iterdir() if not c.name.startswith("."))
+        if n:
+            found.append(f"{n} checkpoint(s)")
+    return found
+
+
+def check_fresh_start(out: Path, overwrite: bool) -> str | None:
+    """Refuse (RunDirError) a fresh run in a directory holding a run; with ``overwrite``, move that run to a
+    sibling ``OUT.old-TIMESTAMP`` directory and return a sentence saying so."""
+    found = run_contents(out)
+    if not found:
+        return None
+    if not overwrite:
+        raise RunDirError(f"{out} already holds a run ({', '.join(found)}). Continue it with --resume auto, or "
+                          f"start over with --overwrite (the old run is moved to {out.name}.old-TIMESTAMP beside it; "
+                          "nothing is deleted), or give this run another --out.")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside = out.parent / f"{out.name}.old-{stamp}"
+    k = 1
+    while aside.exists():
+        aside = out.parent / f"{out.name}.old-{stamp}-{k}"
+        k += 1
+    aside.mkdir()
+    for item in out.iterdir():
+        if item.name != LOCK:
+            shutil.move(str(item), str(aside / item.name))
+    return f"--overwrite: the run that was in {out} ({', '.join(found)}) was moved to {aside}"
+
+
+def check_resume_config(saved: dict[str, Any] | None, now: dict[str, Any], where: str) -> None:
+    if not saved:
+        return
+    diffs = [f"{k}: {saved.get(k)!r} in the run, {now.get(k)!r} now" for k in DEFINING
+             if k in saved and saved.get(k) != now.get(k)]
+    if diffs:
+        raise RunDirError(f"--resume {where}: this config is not the run's; it differs in " + "; ".join(diffs)
+                          + ". Resume with the run's own settings (resnets train --config OUT/config.json "
+                          "--resume auto), or start a new run in another --out.")
+
+
+class GracefulStop:
+    """While active, the first SIGTERM/SIGINT sets ``signum`` (the loop checkpoints and stops after its current
+    step); a second one restores the default action and re-raises it, so the process stops at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is not None:            # second signal: no more grace
+            self.restore()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():   # signal handlers live in the main thread
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+class StoppedBySignal(Exception):
+    """Training stopped on SIGTERM/SIGINT after writing a checkpoint; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, out: Path,
+                 also: list["StoppedBySignal"] | None = None):
+        self.signum, self.step, self.checkpoint, self.out = signum, step, checkpoint, out
+        self.also = also or []          # runs stopped with it (side by side)
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        lines = [f"stopped by {name}; every run wrote a checkpoint and can resume exactly where it stopped:"]
+        for s in [self, *self.also]:
+            lines.append(f"  {s.out}: after step {s.step}, checkpoint {s.checkpoint}")
+        if not self.also:
+            lines.append(f"Resume with: resnets train --config {out / 'config.json'} --resume auto")
+        super().__init__("\n".join(lines))

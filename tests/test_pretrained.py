@@ -1,0 +1,99 @@
+"""The trained weights that ship in the package (docs/models.md): they load, pass the hash check, reproduce their
+recorded errors, and a damaged or missing file is a clear error."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import resnets
+from resnets.data import DeviceLoader, load_cifar
+from resnets.models import pretrained
+from resnets.train import load_checkpoint
+from resnets.train.loop import normalizer_from_checkpoint
+
+SHIPPED = sorted(pretrained.PRETRAINED)
+
+
+@pytest.mark.parametrize("model,tag", SHIPPED)
+def test_shipped_file_is_whole_and_carries_its_card(model, tag):
+    p = pretrained.resolve(model, tag)
+    path = pretrained.checked_path(model, tag)
+    assert path.stat().st_size < 1.2 * 4 * sum(x.numel() for x in resnets.create_model(model).state_dict().values()) \
+        + 64_000, "the file is bigger than the model needs"
+    c = load_checkpoint(path, with_state=False)
+    card = c.meta["card"]
+    assert card["model"] == c.model_name == model and card["tag"] == tag
+    assert card["test_error_cpu_fp32"] == p.test_error and card["errors_first_1000_cpu_fp32"] == p.errors_first_1000
+    assert c.classes[:2] == ["airplane", "automobile"] and c.preprocess["mode"] == "pixel-mean"
+    assert c.meta["config"]["recipe"] in p.recipe
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("model,tag", SHIPPED)
+def test_shipped_weights_reproduce_their_errors_on_the_first_1000_test_images(model, tag, real_cifar):
+    p = pretrained.resolve(model, tag)
+    net = resnets.create_model(model, weights=tag).eval()
+    c = load_checkpoint(pretrained.checked_path(model, tag), with_state=False)
+    cifar = load_cifar("cifar10", root=str(real_cifar), progress=False)
+    loader = DeviceLoader(cifar.test_images[:1000], cifar.test_labels[:1000], 500, "cpu", train=False,
+                          normalizer=normalizer_from_checkpoint(c))
+    with torch.no_grad():
+        wrong = sum(int((net(x).argmax(1) != y).sum()) for x, y in loader)
+    # another CPU's convolution kernels may flip a borderline image or two
+    assert abs(wrong - p.errors_first_1000) <= 2, (wrong, p.errors_first_1000)
+
+
+def test_cifar10_names_the_best_measured_weights():
+    assert pretrained.resolve("resnet20", "cifar10").tag == "cifar10-paper"
+    a = resnets.create_model("resnet20", weights="cifar10").state_dict()
+    b = resnets.create_model("resnet20", weights="cifar10-paper").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unknown_tag_and_mismatched_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="no shipped 'cifar10' weights for resnet56.*resnet20:cifar10"):
+        resnets.create_model("resnet56", weights="cifar10")
+    with pytest.raises(ValueError, match="drop .*num_classes"):
+        resnets.create_model("resnet20", weights="cifar10", num_classes=100)
+
+
+def test_damaged_or_missing_file_is_refused(tmp_path, monkeypatch):
+    for f in pretrained.WEIGHTS_DIR.glob("*.safetensors"):
+        shutil.copy(f, tmp_path / f.name)
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", tmp_path)
+    name = pretrained.resolve("resnet20", "cifar10").file
+    data = bytearray((tmp_path / name).read_bytes())
+    data[len(data) // 2] ^= 0x01                                 # one flipped bit in the weights
+    (tmp_path / name).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="damaged.*reinstall"):
+        resnets.create_model("resnet20", weights="cifar10")
+    (tmp_path / name).unlink()
+    with pytest.raises(FileNotFoundError, match="missing.*reinstall"):
+        resnets.create_model("resnet20", weights="cifar10")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "resnets.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.realdata
+def test_cli_evaluate_and_predict_with_shipped_weights(real_cifar, tmp_path):
+    r = _cli("evaluate", "--model", "resnet20", "--weights", "cifar10", "--data", str(real_cifar), "--subset", "1000",
+             "--device", "cpu", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    wrong = round(float(r.stdout.split("top-1 error ")[1].split("%")[0]) * 10)
+    assert abs(wrong - pretrained.resolve("resnet20", "cifar10").errors_first_1000) <= 2
+    from PIL import Image
+    cifar = load_cifar("cifar10", root=str(real_cifar), progress=False)
+    img = tmp_path / "ship.png"
+    i = int(np.flatnonzero(cifar.test_labels == 8)[0])            # a ship
+    Image.fromarray(cifar.test_images[i].transpose(1, 2, 0)).save(img)
+    r = _cli("predict", "--model", "resnet20", "--weights", "cifar10", str(img), "--json")
+    assert r.returncode == 0, r.stderr
+    assert '"ship"' in r.stdout
+    r = _cli("evaluate", "--model", "resnet20")
+    assert r.returncode != 0 and "--weights" in r.stderr and "Traceback" not in r.stderr
