@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from resnets import bench  # noqa: E402
+import bench  # noqa: E402  (benchmarks/bench.py, beside this file)
 
 PARITY_MODELS = ["resnet20", "resnet56", "resnet110"]
 CASES = ["resnet20-train", "resnet56-train", "resnet110-train", "resnet50-train", "resnet50-infer"]

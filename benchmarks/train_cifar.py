@@ -10,7 +10,7 @@ and the same SGD (lr 0.1, momentum 0.9, weight decay 1e-4) in NCHW. One training
 backward, SGD update; the data pipeline is not timed (benchmarks/input_pipeline.py times it). Implementations are
 timed in alternation (ABBA), and the speed-up is the median of the per-repeat ratios; the load average is printed
 with it. The goal of issue 3 is >= 1.5x; docs/performance.md says what was measured and why.
-It is `resnets bench --cases resnet20-train resnet56-train` with a few more knobs.
+It is `python benchmarks/bench.py --cases resnet20-train resnet56-train` with a few more knobs.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from resnets import bench  # noqa: E402
+import bench  # noqa: E402  (benchmarks/bench.py, beside this file)
 
 
 def main(argv: list[str] | None = None) -> int:

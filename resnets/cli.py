@@ -9,7 +9,6 @@
     resnets analyze responses --checkpoint PLAIN --checkpoint RESNET [--data DIR] [--out fig7.png]
     resnets export --checkpoint PATH --format onnx|torchscript --out FILE [--opset N] [--dynamic-batch]
     resnets predict --checkpoint PATH IMAGE... [--top-k 5] [--json]
-    resnets bench [--device cpu|cuda] [--cases ...] [--json FILE]
 """
 from __future__ import annotations
 
@@ -278,17 +277,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
-
-    if args.list:
-        for c in bench.CASES.values():
-            print(f"{c.name:16s} {c.what:5s} batch {c.batch}  {c.note}")
-        return 0
-    return bench.main(args.device, args.cases, json_path=args.json, threads=args.threads, repeats=args.repeats,
-                      warmup=args.warmup, iters=args.iters, compile=args.compile, smoke=args.smoke)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resnets", description="Deep residual networks (He et al. 2015).")
     p.add_argument("--version", action="version", version=f"resnets {__import__('resnets').__version__}")
@@ -370,19 +358,6 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="JSON output")
     pr.add_argument("--device", default="cpu")
     pr.set_defaults(func=cmd_predict)
-    b = sub.add_parser("bench", help="throughput of our training step and inference vs torchvision/timm")
-    b.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    b.add_argument("--cases", nargs="+", metavar="CASE", help="cases to run (default: the device's; --list)")
-    b.add_argument("--list", action="store_true", help="list the cases and exit")
-    b.add_argument("--json", metavar="FILE", help="also write every timing and the machine details as JSON")
-    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, recorded in the output)")
-    b.add_argument("--repeats", type=int, help="timed repeats per implementation (CPU 5, GPU 7)")
-    b.add_argument("--warmup", type=int, help="untimed iterations first (CPU 2, GPU 10)")
-    b.add_argument("--iters", type=int, help="iterations per timed repeat (CPU 1, GPU 20)")
-    b.add_argument("--compile", choices=["auto", "inductor", "jit", "none"], default="auto",
-                   help="compiler of our inference model (auto: inductor)")
-    b.add_argument("--smoke", action="store_true", help="tiny nets and batches: checks the benchmark itself")
-    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import resnets
-from resnets import bench
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench  # noqa: E402  (benchmarks/bench.py: the harness lives beside the package, not in it)
 from resnets.models import fold_batchnorm
 from resnets.models.inference import FP32_ATOL, FP32_RTOL, InferenceModel, inference_model, max_logit_error
 from resnets.train.graphs import StaticStep, maybe_graph_step
@@ -107,10 +108,8 @@ def test_time_impls_alternates_and_pairs():
 
 
 def test_bench_smoke_prints_ratio_table(tmp_path, capsys):
-    from resnets.cli import main
-
     out = tmp_path / "bench.json"
-    assert main(["bench", "--smoke", "--threads", "1", "--cases", "resnet20-train", "resnet50-infer",
+    assert bench.cli(["--smoke", "--threads", "1", "--cases", "resnet20-train", "resnet50-infer",
                  "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "| case | implementation |" in text and "ratio ours/peer" in text

@@ -13,7 +13,7 @@ import torch
 from resnets.config import recipe
 from resnets.train import load_checkpoint, read_log, train
 from resnets.train.distributed import DistContext, local_batch_size
-from resnets.train.loop import GlobalBatchSampler
+from resnets.train.sources import GlobalBatchSampler
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import resnets
 from resnets.data import DeviceLoader, load_cifar
 from resnets.models import pretrained
 from resnets.train import load_checkpoint
-from resnets.train.loop import normalizer_from_checkpoint
+from resnets.train.sources import normalizer_from_checkpoint
 
 SHIPPED = sorted(pretrained.PRETRAINED)
 
@@ -48,9 +48,12 @@ def test_shipped_weights_reproduce_their_errors_on_the_first_1000_test_images(mo
 
 
 def test_cifar10_names_the_best_measured_weights():
-    assert pretrained.resolve("resnet20", "cifar10").tag == "cifar10-paper"
+    for model in ("resnet20", "plain20"):
+        best = min((p for p in pretrained.PRETRAINED.values() if p.model == model), key=lambda p: p.test_error)
+        assert pretrained.resolve(model, "cifar10") == best
+    assert pretrained.resolve("resnet20", "cifar10").tag == "cifar10-fast"
     a = resnets.create_model("resnet20", weights="cifar10").state_dict()
-    b = resnets.create_model("resnet20", weights="cifar10-paper").state_dict()
+    b = resnets.create_model("resnet20", weights="cifar10-fast").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -131,8 +131,9 @@ def test_disk_full_while_checkpointing(tiny_cifar, tmp_path):
 
 
 def _tree_digest(path: Path) -> dict:
+    # .lock is not the run's: every process that owns the directory writes its pid there (docs/reliability.md, 6)
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+            for p in sorted(path.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def test_truncated_data_batch_names_the_file(tmp_path):
@@ -319,6 +320,36 @@ def test_torchrun_two_nodes_restart_with_a_fresh_store_per_round(tiny_cifar, tor
     os.kill(int(worker[0]), signal.SIGKILL)
     assert [a.wait(timeout=max(deadline - time.time(), 1)) for a in agents] == [0, 0], logs()
     assert "will restart worker group" in (run / "node1.txt").read_text()
+    a, b = final_weights(torchrun_unbroken, 12), final_weights(run, 12)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(torchrun_unbroken) == train_losses(run)
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_stops_all_ranks_at_one_step_and_resumes_exactly(tiny_cifar, torchrun_unbroken,
+                                                                                 tmp_path, reap):
+    """Promise 7 under torchrun: SIGTERM to the job (agent and both workers, as SLURM or Kubernetes send it) stops
+    both ranks after the same step, rank 0 writes the checkpoint, and a new launch with --resume auto ends as the
+    unbroken 2-rank run, bit for bit."""
+    run = tmp_path / "stopped"
+    p = _torchrun(tiny_cifar, run, "c10d")
+    reap(p)
+    deadline = time.time() + 300
+    while last_logged_step(run) < 4:
+        assert p.poll() is None and time.time() < deadline, _tail(run)
+        time.sleep(0.02)
+    t0 = time.perf_counter()
+    os.killpg(p.pid, signal.SIGTERM)
+    p.wait(timeout=120)
+    took = time.perf_counter() - t0
+    log = _tail(run)
+    assert "stopped by SIGTERM" in log, log
+    stopped_at = int(log.split("after step ")[1].split(",")[0])
+    assert stopped_at < 12 and (run / "checkpoints" / f"step-{stopped_at:08d}").is_dir(), log
+    assert took < 60, took
+    p = _torchrun(tiny_cifar, run, "c10d")
+    reap(p)
+    assert p.wait(timeout=300) == 0, _tail(run)
     a, b = final_weights(torchrun_unbroken, 12), final_weights(run, 12)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert train_losses(torchrun_unbroken) == train_losses(run)

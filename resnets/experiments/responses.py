@@ -20,7 +20,7 @@ from torch import nn
 from ..data import DeviceLoader, load_cifar
 from ..models import BasicBlock, Bottleneck
 from ..train import checkpoint as ck
-from ..train.loop import normalizer_from_checkpoint
+from ..train.sources import normalizer_from_checkpoint
 from ..train.runtime import pick_runtime
 
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from . import paper, pretrained
+from . import paper, pretrained  # noqa: F401 - pretrained: weights="cifar10" etc.
 from .blocks import BasicBlock, Bottleneck
 from .resnet import CifarResNeXt, CifarResNet, ResNet
 
@@ -165,7 +165,9 @@ def _load_weights(model: nn.Module, name: str, weights: Any, weights_url: str | 
         source = f"torchvision's {tag or 'DEFAULT'} weights"
     elif pretrained.is_pretrained_tag(weights):
         path = pretrained.checked_path(name, weights)
-        sd, source = load_state_dict_file(path), f"the shipped {weights!r} weights ({path.name})"
+        # the file is a resnets checkpoint: the preprocessing (per-pixel mean) rides along under "preprocess."
+        sd = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith("preprocess.")}
+        source = f"the shipped {weights!r} weights ({path.name})"
     elif isinstance(weights, (str, os.PathLike)):
         sd, source = load_state_dict_file(weights), os.fspath(weights)
     else:

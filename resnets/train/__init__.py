@@ -1,7 +1,9 @@
 """Training: the loop (:mod:`.loop`), checkpoints (:mod:`.checkpoint`), device and precision (:mod:`.runtime`),
 whole-step CUDA graphs (:mod:`.graphs`). Imports models and data, never experiments or the CLI."""
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from .loop import NonFiniteLossError, TrainResult, evaluate_model, read_log, train
+from .evaluate import evaluate_model
+from .log import read_log
+from .loop import NonFiniteLossError, TrainResult, train
 from .runtime import Runtime, pick_runtime
 
 __all__ = ["train", "TrainResult", "evaluate_model", "read_log", "NonFiniteLossError", "Checkpoint",

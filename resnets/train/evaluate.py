@@ -6,14 +6,47 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..data import DeviceLoader, load_cifar
 from . import checkpoint as ck
-from .loop import _OnDevice, evaluate_model, normalizer_from_checkpoint
-from .runtime import pick_runtime
+from .runtime import Runtime, pick_runtime
+from .sources import _OnDevice, normalizer_from_checkpoint
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], rt: Runtime, *,
+                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Top-1 and top-5 error (%) and mean cross-entropy over every sample of ``loader`` (batches on the device).
+
+    ``reduce``: sums a tensor over ranks in place (``DistContext.all_reduce_sum``) when each rank evaluates its
+    own shard; the counts are then those of the whole set."""
+    was_training = model.training
+    model.eval()
+    n, loss_sum = 0, torch.zeros((), device=rt.device, dtype=torch.float64)
+    wrong1 = torch.zeros((), device=rt.device, dtype=torch.int64)
+    wrong5 = torch.zeros_like(wrong1)
+    for x, y in loader:
+        with rt.autocast():
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        wrong1 += (top[:, 0] != y).sum()
+        wrong5 += (~(top == y[:, None]).any(dim=1)).sum()
+        n += y.numel()
+    model.train(was_training)
+    if reduce is not None:
+        t = torch.stack([loss_sum, wrong1.double(), wrong5.double(),
+                         torch.tensor(float(n), dtype=torch.float64, device=rt.device)])
+        reduce(t)
+        loss_sum, wrong1, wrong5, n = t[0], t[1].round().long(), t[2].round().long(), int(round(t[3].item()))
+    return {"error": 100.0 * wrong1.item() / n, "top5_error": 100.0 * wrong5.item() / n,
+            "loss": loss_sum.item() / n, "n": n}
 
 
 def evaluate_checkpoint(path: str, data: str | None = None, *, device: str = "auto", precision: str = "auto",

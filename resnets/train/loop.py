@@ -7,15 +7,9 @@
 
 Python: ``resnets.train(resnets.config.recipe("cifar-paper", model="resnet110", steps=64000))``.
 
-One loop, two data sources (:class:`CifarSource`, :class:`ImageFolderSource`), both giving the batch of a step
-as a pure function of (seed, step):
-
-* CIFAR: the whole uint8 set on the device, ``DeviceLoader.batch(step)``. Under DDP every rank builds the global
-  batch of step k and takes its contiguous slice.
-* ImageFolder: a DataLoader (worker processes, pinned memory) over :class:`GlobalBatchSampler`, a
-  ``DistributedSampler`` whose epoch order is a permutation seeded by (seed, epoch); each rank takes its
-  contiguous slice of every global batch, and each sample's augmentation is seeded by (seed, epoch, index)
-  (:class:`SeededSamples`), so it does not depend on worker count, worker scheduling or where a run resumed.
+One loop over steps; the data come from :mod:`.sources` (CIFAR on the device, or an ImageFolder DataLoader), each
+giving the batch of a step as a pure function of (seed, step). The run log is :mod:`.log`, evaluation
+:mod:`.evaluate`, the run directory's ownership and the graceful stop :mod:`.rundir`.
 
 The checkpoint holds the weights, optimizer, warm-up state and step, so ``--resume`` continues exactly where a run
 stopped: the same weights and losses, bit for bit on the CPU, as a run that never stopped (a resumed ImageFolder
@@ -24,15 +18,13 @@ writes logs and checkpoints; all ranks load the checkpoint it chose. See :mod:`r
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +32,14 @@ from torch import nn
 
 from .. import __version__
 from ..config import TrainConfig
-from ..data import DeviceLoader, Normalizer, load_cifar
 from ..models import create_model
 from . import checkpoint as ck
 from . import distributed as ddp
+from .evaluate import evaluate_model
+from .log import RunLog, read_log  # noqa: F401 - read_log is part of this module's API (resnets.train.read_log)
 from .rundir import GracefulStop, RunDirError, RunLock, StoppedBySignal, check_fresh_start, check_resume_config
 from .runtime import Runtime, pick_runtime
+from .sources import make_source
 
 
 class NonFiniteLossError(RuntimeError):
@@ -78,121 +72,6 @@ def resolve_warmup(cfg: TrainConfig, model: nn.Module) -> float | None:
         # Sec. 4.2 warms up ResNet-110 (and, in Sec. 4.2's last paragraph, the 1202-layer net); not shallower ones.
         return 0.01 if getattr(model, "depth", 0) >= 110 and cfg.lr > 0.01 else None
     return None if cfg.warmup_lr is None else float(cfg.warmup_lr)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Logging: JSONL or CSV, plus TensorBoard
-
-
-class RunLog:
-    FIELDS = ["step", "split", "loss", "error", "top5_error", "lr", "img_per_s", "elapsed_s"]
-
-    def __init__(self, out: Path, fmt: str, tensorboard: bool, resume_step: int | None):
-        if fmt not in ("jsonl", "csv"):
-            raise ValueError(f"unknown log format {fmt!r}; choose jsonl or csv")
-        self.path = out / f"log.{fmt}"
-        self.fmt = fmt
-        if resume_step is None:
-            self.path.unlink(missing_ok=True)
-        else:
-            self._truncate_after(resume_step)
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ValueError("--tensorboard needs the tensorboard package: pip install 'resnets[tensorboard]'") from e
-            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step)
-
-    def _truncate_after(self, step: int) -> None:
-        """Records after the resumed step were written by the crashed run; the resumed run writes them again."""
-        if not self.path.exists():
-            return
-        kept = [r for r in read_log(self.path) if r["step"] <= step]
-        self.path.unlink()
-        for r in kept:
-            self.write(r, tb=False)
-
-    def write(self, record: dict[str, Any], tb: bool = True) -> None:
-        new = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
-            if self.fmt == "jsonl":
-                f.write(json.dumps(record) + "\n")
-            else:
-                w = csv.DictWriter(f, self.FIELDS, extrasaction="ignore")
-                if new:
-                    w.writeheader()
-                w.writerow(record)
-        if tb and self.tb is not None:
-            for k in ("loss", "error", "top5_error", "lr", "img_per_s"):
-                if record.get(k) is not None:
-                    self.tb.add_scalar(f"{record['split']}/{k}", record[k], record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a run's log.jsonl or log.csv, as dicts with numbers."""
-    p = Path(path)
-    if p.suffix == ".jsonl":
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    rows = []
-    with open(p, newline="") as f:
-        for r in csv.DictReader(f):
-            rows.append({k: (v if k == "split" else (None if v == "" else float(v) if k != "step" else int(v)))
-                         for k, v in r.items()})
-    return rows
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-@torch.no_grad()
-def evaluate_model(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], rt: Runtime, *,
-                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-    """Top-1 and top-5 error (%) and mean cross-entropy over every sample of ``loader`` (batches on the device).
-
-    ``reduce``: sums a tensor over ranks in place (``DistContext.all_reduce_sum``) when each rank evaluates its
-    own shard; the counts are then those of the whole set."""
-    was_training = model.training
-    model.eval()
-    n, loss_sum = 0, torch.zeros((), device=rt.device, dtype=torch.float64)
-    wrong1 = torch.zeros((), device=rt.device, dtype=torch.int64)
-    wrong5 = torch.zeros_like(wrong1)
-    for x, y in loader:
-        with rt.autocast():
-            logits = model(x)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        wrong1 += (top[:, 0] != y).sum()
-        wrong5 += (~(top == y[:, None]).any(dim=1)).sum()
-        n += y.numel()
-    model.train(was_training)
-    if reduce is not None:
-        t = torch.stack([loss_sum, wrong1.double(), wrong5.double(),
-                         torch.tensor(float(n), dtype=torch.float64, device=rt.device)])
-        reduce(t)
-        loss_sum, wrong1, wrong5, n = t[0], t[1].round().long(), t[2].round().long(), int(round(t[3].item()))
-    return {"error": 100.0 * wrong1.item() / n, "top5_error": 100.0 * wrong5.item() / n,
-            "loss": loss_sum.item() / n, "n": n}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Setup shared by train() and evaluate
-
-
-def preprocess_state(normalizer: Normalizer) -> dict[str, Any]:
-    return normalizer.state_dict()
-
-
-def normalizer_from_checkpoint(c: ck.Checkpoint) -> Normalizer:
-    if not c.preprocess:
-        raise ck.CheckpointError(f"{c.path}: the checkpoint holds no preprocessing; it was not written by resnets train")
-    return Normalizer.from_state_dict(c.preprocess)
 
 
 @dataclass
@@ -261,232 +140,6 @@ def make_eager_step(model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runt
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Data sources: what the loop asks of its data. Both give the local batch of a global step as a pure function of
-# (seed, step), evaluation batches on the device (this rank's shard), and what a checkpoint must record.
-
-
-class CifarSource:
-    """CIFAR from :func:`resnets.data.load_cifar`, augmented on the device (Sec. 4.2). Under DDP each rank
-    builds the global batch of step k (``DeviceLoader.batch``) and keeps its contiguous slice; the test (or val)
-    images are split into contiguous shards, one per rank."""
-
-    def __init__(self, cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, data=None):
-        if data is None:
-            data = load_cifar(cfg.dataset, root=cfg.data, progress=cfg.progress and ctx.is_main)
-        self.eval_name = "test"
-        eval_images, eval_labels = data.test_images, data.test_labels
-        if cfg.val_split:
-            data, eval_images, eval_labels = data.split(cfg.val_split, seed=cfg.seed)
-            self.eval_name = "val"
-        if cfg.eval_subset:
-            eval_images, eval_labels = eval_images[:cfg.eval_subset], eval_labels[:cfg.eval_subset]
-        self.name, self.classes = data.name, list(data.classes)
-        self.train_size = len(data.train_labels)
-        self.ctx = ctx
-        self.local_batch = ddp.local_batch_size(cfg.batch_size, ctx)
-        self.normalizer = Normalizer(cfg.normalize, data.train_images)
-        self.loader = DeviceLoader(data.train_images, data.train_labels, cfg.batch_size, rt.device, train=True,
-                                   normalizer=self.normalizer, seed=cfg.seed, augment=cfg.augment,
-                                   channels_last=rt.channels_last)
-        if ctx.enabled and len(eval_labels) >= ctx.world_size:
-            lo, hi = _shard(len(eval_labels), ctx)
-            eval_images, eval_labels = eval_images[lo:hi], eval_labels[lo:hi]
-            self.sharded_eval = True
-        else:
-            self.sharded_eval = False
-        self.eval_loader = DeviceLoader(eval_images, eval_labels, max(cfg.batch_size, 500), rt.device, train=False,
-                                        normalizer=self.normalizer, channels_last=rt.channels_last)
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.loader.batch(step)
-        if self.ctx.enabled:
-            lo = self.ctx.rank * self.local_batch
-            x, y = x[lo:lo + self.local_batch], y[lo:lo + self.local_batch]
-        return x, y
-
-    def preprocess(self) -> dict[str, Any]:
-        return preprocess_state(self.normalizer)
-
-    def close(self) -> None:
-        pass
-
-
-def _shard(n: int, ctx: ddp.DistContext) -> tuple[int, int]:
-    """Rank ``ctx.rank``'s contiguous share [lo, hi) of ``n`` items (shares differ by at most one)."""
-    return n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size
-
-
-class GlobalBatchSampler(torch.utils.data.distributed.DistributedSampler):
-    """A ``DistributedSampler`` whose order is defined per *global* batch, and which can start mid-epoch.
-
-    Epoch ``e`` (``set_epoch(e)``) permutes the dataset with a generator seeded by (seed, e), cuts it into
-    ``len // global_batch`` global batches (the rest is dropped) and yields rank ``r``'s contiguous slice
-    ``[r * B/N, (r + 1) * B/N)`` of each, from global batch ``start_batch`` on. So N ranks together see exactly
-    the batches one process with batch B sees, and a resumed run skips the batches already done without reading
-    them. Items are ``(epoch, index)`` pairs, for :class:`SeededSamples`. (torch's DistributedSampler deals
-    indices round-robin, ``perm[rank::N]``, which gives the same epochs but not the same per-step batches.)"""
-
-    def __init__(self, dataset, global_batch: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        if global_batch % num_replicas:
-            raise ValueError(f"global batch {global_batch} does not divide across {num_replicas} ranks")
-        self.global_batch, self.local_batch = global_batch, global_batch // num_replicas
-        self.steps_per_epoch = len(dataset) // global_batch
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(dataset)} training images give no full batch of {global_batch}")
-        self.start_batch = 0
-
-    def order(self, epoch: int) -> torch.Tensor:
-        from ..data.augment import _seed_for
-        g = torch.Generator().manual_seed(_seed_for(self.seed, 2, epoch))
-        return torch.randperm(len(self.dataset), generator=g)
-
-    def __iter__(self):
-        perm = self.order(self.epoch)
-        for k in range(self.start_batch, self.steps_per_epoch):
-            lo = k * self.global_batch + self.rank * self.local_batch
-            for i in perm[lo:lo + self.local_batch].tolist():
-                yield self.epoch, i
-
-    def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_batch) * self.local_batch
-
-
-class SeededSamples(torch.utils.data.Dataset):
-    """``dataset[index]`` with torch's global RNG seeded by (seed, epoch, index) while the transform runs (and
-    restored after): the random augmentation of a sample depends only on which sample in which epoch, not on the
-    worker process that happens to load it. Keys are ``(epoch, index)``."""
-
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed = dataset, int(seed)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        from ..data.augment import _seed_for
-        epoch, index = key
-        state = torch.get_rng_state()
-        torch.manual_seed(_seed_for(self.seed, 3, epoch, index))
-        try:
-            return self.dataset[index]
-        finally:
-            torch.set_rng_state(state)
-
-
-class _OnDevice:
-    """Iterate a DataLoader of CPU (pinned) batches, yielding them on the device in the run's memory format."""
-
-    def __init__(self, loader, rt: Runtime):
-        self.loader, self.rt = loader, rt
-
-    def __iter__(self):
-        for x, y in self.loader:
-            yield (x.to(self.rt.device, non_blocking=True).contiguous(memory_format=self.rt.memory_format),
-                   y.to(self.rt.device, non_blocking=True))
-
-
-def imagefolder_normalization(cfg_normalize: str) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
-    """(mean, std) in 0..255 units: the paper subtracts a mean only ("pixel-mean", approximated per channel by
-    the ImageNet mean, as resnets.data.imagefolder does); "channel" also divides by the ImageNet std."""
-    from ..data.imagefolder import IMAGENET_MEAN_255, IMAGENET_STD_255
-    if cfg_normalize == "pixel-mean":
-        return IMAGENET_MEAN_255, None
-    if cfg_normalize == "channel":
-        return IMAGENET_MEAN_255, IMAGENET_STD_255
-    raise ValueError(f"unknown normalize {cfg_normalize!r}; choose pixel-mean or channel")
-
-
-def imagefolder_dirs(data: str | os.PathLike | None) -> tuple[Path, Path | None]:
-    """``DIR/train`` and ``DIR/val`` (None if absent) of an ImageNet-layout directory."""
-    if data is None:
-        raise ValueError("ImageFolder training needs --data DIR, with DIR/train/CLASS/*.JPEG and DIR/val/CLASS/*.JPEG")
-    root = Path(data)
-    if not (root / "train").is_dir():
-        raise FileNotFoundError(f"--data {root}: no {root / 'train'} directory (expected DIR/train/CLASS/images "
-                                f"and DIR/val/CLASS/images, the ImageNet layout)")
-    return root / "train", (root / "val" if (root / "val").is_dir() else None)
-
-
-class ImageFolderSource:
-    """ImageNet-layout data (Sec. 3.4): ``DIR/train`` with the paper's augmentation, through a DataLoader with
-    ``cfg.workers`` worker processes per rank and pinned memory (on GPUs), over :class:`GlobalBatchSampler`;
-    evaluation on ``DIR/val`` with a single centre crop (shorter side ``eval_resize``, ``crop`` x ``crop``), each
-    rank evaluating a contiguous shard. ``batch(step)`` keeps one DataLoader iterator open along an epoch and
-    opens a new one (``set_epoch``, ``start_batch``) when a step is not the next one (a new epoch, a resume)."""
-
-    name = "imagefolder"
-    eval_name = "val"
-
-    def __init__(self, cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext):
-        from ..data.imagefolder import (ImageFolderDataset, make_loader, paper_train_transform,
-                                        standard_eval_transform)
-        train_dir, val_dir = imagefolder_dirs(cfg.data)
-        self.rt, self.ctx = rt, ctx
-        self.mean, self.std = imagefolder_normalization(cfg.normalize)
-        if cfg.augment:
-            tf = paper_train_transform(self.mean, self.std, min_size=cfg.resize_min, max_size=cfg.resize_max,
-                                       crop=cfg.crop, alphastd=cfg.lighting)
-        else:
-            tf = standard_eval_transform(cfg.eval_resize, cfg.crop, self.mean, self.std)
-        train_ds = ImageFolderDataset(train_dir, transform=tf, skip_bad_files=True)
-        self.classes = list(train_ds.classes)
-        self.train_size = len(train_ds)
-        self.local_batch = ddp.local_batch_size(cfg.batch_size, ctx)
-        self.sampler = GlobalBatchSampler(train_ds, cfg.batch_size, ctx.world_size, ctx.rank, cfg.seed)
-        self.loader = make_loader(SeededSamples(train_ds, cfg.seed), self.local_batch, train=True,
-                                  num_workers=cfg.workers, sampler=self.sampler, seed=cfg.seed,
-                                  pin_memory=rt.is_cuda)
-        self._it = None
-        self._next: tuple[int, int] | None = None
-        self.eval_loader: Iterable | None = None
-        self.sharded_eval = False
-        if val_dir is not None:
-            val_ds = ImageFolderDataset(val_dir, transform=standard_eval_transform(cfg.eval_resize, cfg.crop,
-                                                                                   self.mean, self.std),
-                                        skip_bad_files=True, allow_empty_classes=True)
-            if list(val_ds.classes) != self.classes:
-                raise ValueError(f"{val_dir} has {len(val_ds.classes)} class folders, {train_dir} has "
-                                 f"{len(self.classes)}; they must be the same (sorted) names")
-            n = min(len(val_ds), cfg.eval_subset) if cfg.eval_subset else len(val_ds)
-            lo, hi = (_shard(n, ctx) if ctx.enabled and n >= ctx.world_size else (0, n))
-            self.sharded_eval = ctx.enabled and n >= ctx.world_size
-            self.eval_loader = _OnDevice(make_loader(val_ds, self.local_batch, train=False, num_workers=cfg.workers,
-                                                     sampler=list(range(lo, hi)), persistent_workers=False,
-                                                     pin_memory=rt.is_cuda), rt)
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, k = divmod(step, self.sampler.steps_per_epoch)
-        if self._it is None or self._next != (epoch, k):
-            self.sampler.set_epoch(epoch)
-            self.sampler.start_batch = k
-            self._it = iter(self.loader)
-        x, y = next(self._it)
-        self._next = (epoch, k + 1)
-        return (x.to(self.rt.device, non_blocking=True).contiguous(memory_format=self.rt.memory_format),
-                y.to(self.rt.device, non_blocking=True))
-
-    def preprocess(self) -> dict[str, Any]:
-        p: dict[str, Any] = {"mode": "subtract-mean-255", "mean": torch.tensor(self.mean, dtype=torch.float64)}
-        if self.std is not None:
-            p["std"] = torch.tensor(self.std, dtype=torch.float64)
-        return p
-
-    def close(self) -> None:
-        self._it = None
-
-
-def make_source(cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, data=None):
-    if cfg.dataset == "imagefolder":
-        if data is not None:
-            raise ValueError("data= is for CIFAR runs; ImageFolder runs read cfg.data")
-        return ImageFolderSource(cfg, rt, ctx)
-    if cfg.dataset not in ("cifar10", "cifar100"):
-        raise ValueError(f"unknown dataset {cfg.dataset!r}; choose cifar10, cifar100 or imagefolder")
-    return CifarSource(cfg, rt, ctx, data)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -523,9 +176,19 @@ def train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
     when ``stop`` has caught SIGTERM/SIGINT, the loop writes a checkpoint after the current step and raises
     :class:`StoppedBySignal`."""
     cfg.validate(source="train")          # before anything touches cfg.out
+    out = Path(cfg.out)
+    new_dir = not out.exists()
     lock = _own_run_dir(cfg, ctx)
     try:
         return (yield from _train_steps(cfg, ctx, device, data, on_log, stop))
+    except BaseException:
+        # A run that could not start (bad data, a bad checkpoint) leaves no directory it made just for its lock.
+        if lock is not None and new_dir and {p.name for p in out.iterdir()} <= {".lock"}:
+            lock.__exit__(None, None, None)
+            lock = None
+            (out / ".lock").unlink(missing_ok=True)
+            out.rmdir()
+        raise
     finally:
         if lock is not None:
             lock.__exit__(None, None, None)
@@ -639,8 +302,6 @@ def _train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
     step_fn = maybe_graph_step(cfg, model, optimizer, rt, source, step_fn, distributed=ctx.enabled)
 
     def save(step: int, metrics: dict[str, Any] | None, path: Path | None = None) -> Path | None:
-        if not main:
-            return None
         # Every rank calls save() at the same step (all the reasons to save are agreed on). The training-log sums
         # since the last log line, over all ranks, go into the state, so a run stopped between log lines logs as
         # if it had never stopped.

@@ -1,9 +1,11 @@
 """Throughput of our training step and inference against a bare PyTorch loop, torchvision and timm, in one process.
 
-    resnets bench                                          # the CPU cases, a few minutes on a 2-core CPU
-    resnets bench --threads 1 --json bench.json            # pin torch's threads; write every timing as JSON
-    resnets bench --cases resnet20-train resnet50-infer    # some cases only (`--list` shows them)
-    resnets bench --device cuda                            # the GPU cases (benchmarks/gpu_suite.sh runs them all)
+    python benchmarks/bench.py                                 # the CPU cases, a few minutes on a 2-core CPU
+    python benchmarks/bench.py --threads 1 --json bench.json   # pin torch's threads; write every timing as JSON
+    python benchmarks/bench.py --cases resnet20-train resnet50-infer    # some cases only (`--list` shows them)
+    python benchmarks/bench.py --device cuda                   # the GPU cases (benchmarks/gpu_suite.sh runs them all)
+
+A harness, not part of the package (as timm keeps its benchmark.py beside it): it imports the checkout it sits in.
 
 What is compared (docs/performance.md has the numbers and what each optimisation buys):
 
@@ -27,6 +29,7 @@ machine, compare ratios from one run, not img/s across runs.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import datetime as _dt
 import gc
@@ -40,15 +43,20 @@ from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 from typing import Any, Callable
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+import sys
+from pathlib import Path
 
-from .models import create_model, from_torchvision
-from .models.inference import inference_model, max_logit_error
-from .train.graphs import StaticStep, maybe_graph_step
-from .train.loop import make_eager_step
-from .train.runtime import Runtime, pick_runtime
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout this file sits in
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from resnets.models import create_model, from_torchvision  # noqa: E402
+from resnets.models.inference import inference_model, max_logit_error  # noqa: E402
+from resnets.train.graphs import StaticStep, maybe_graph_step  # noqa: E402
+from resnets.train.loop import make_eager_step  # noqa: E402
+from resnets.train.runtime import Runtime, pick_runtime  # noqa: E402
 
 # Paper recipe (Sec. 4.2 / 3.4) for every SGD in the benchmark, ours and peers alike.
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
@@ -424,7 +432,7 @@ def matmul_gflops(device: str = "cpu", n: int = 2048, repeats: int = 5) -> dict[
 def flops_per_iter(model_name: str, what: str, batch: int, size: int, depth: int | None = None) -> float:
     """Multiply-adds x 2 (FLOPs) of one forward pass, x 3 for a training step (forward, then backward: the
     gradients of inputs and of weights each cost about one forward), for a batch."""
-    from .models import model_info
+    from resnets.models import model_info
     kw = {"depth": depth} if depth else {}
     if model_name == "resnet50":
         kw["stride_in"] = "3x3"
@@ -447,7 +455,7 @@ def graph_loss_parity(model_name: str = "resnet20", *, steps: int = 100, batch: 
     backward kernels may sum in a different order from run to run, which bounds how equal any two runs can be.
     The learning rate drops 10x at ``lr_drop_at`` (default: half-way), which makes the graph re-capture once.
     """
-    from .data import DeviceLoader, Normalizer
+    from resnets.data import DeviceLoader, Normalizer
 
     rt = pick_runtime(device, "auto", True)
     capture = rt.is_cuda
@@ -623,7 +631,7 @@ def format_tables(result: dict[str, Any]) -> str:
     """Two markdown tables: throughput per implementation, then ours/peer ratios with the goals."""
     m = result["machine"]
     where = m.get("gpu") or f"{m['cpu']} ({m['cpu_count']} CPUs)"
-    lines = [f"resnets bench on {where}, torch {m['torch']}, {m['threads']} threads, {m['date']}; "
+    lines = [f"benchmarks/bench.py on {where}, torch {m['torch']}, {m['threads']} threads, {m['date']}; "
              f"load average {m['loadavg_start']} at start, {m.get('loadavg_end')} at end", "",
              "| case | implementation | batch | ms/iter (median) | img/s (median) | img/s range | setup s |",
              "|---|---|---|---|---|---|---|"]
@@ -684,7 +692,7 @@ def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def main(device: str = "cpu", cases: list[str] | None = None, *, json_path: str | None = None, **kw: Any) -> int:
-    """What ``resnets bench`` calls: run, print the tables, write JSON."""
+    """Run, print the tables, write JSON."""
     opts = Options(device=device, **kw)
     result = run_bench(opts, cases)
     print(format_tables(result))
@@ -692,3 +700,32 @@ def main(device: str = "cpu", cases: list[str] | None = None, *, json_path: str 
         write_json(result, json_path)
         print(f"\nwrote {json_path}")
     return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--cases", nargs="+", metavar="CASE", help="cases to run (default: the device's; --list)")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--json", metavar="FILE", help="also write every timing and the machine details as JSON")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, recorded in the output)")
+    p.add_argument("--repeats", type=int, help="timed repeats per implementation (CPU 5, GPU 7)")
+    p.add_argument("--warmup", type=int, help="untimed iterations first (CPU 2, GPU 10)")
+    p.add_argument("--iters", type=int, help="iterations per timed repeat (CPU 1, GPU 20)")
+    p.add_argument("--compile", choices=["auto", "inductor", "jit", "none"], default="auto",
+                   help="compiler of our inference model (auto: inductor)")
+    p.add_argument("--smoke", action="store_true", help="tiny nets and batches: checks the benchmark itself")
+    args = p.parse_args(argv)
+    if args.list:
+        for c in CASES.values():
+            print(f"{c.name:16s} {c.what:5s} batch {c.batch}  {c.note}")
+        return 0
+    unknown = set(args.cases or []) - set(CASES)
+    if unknown:
+        p.error(f"unknown case(s) {sorted(unknown)}; --list shows them")
+    return main(args.device, args.cases, json_path=args.json, threads=args.threads, repeats=args.repeats,
+                warmup=args.warmup, iters=args.iters, compile=args.compile, smoke=args.smoke)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
