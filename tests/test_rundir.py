@@ -130,13 +130,19 @@ STOP_ARGS = ["--model", "resnet20", "--depth", "8", "--steps", "60", "--batch-si
              "1", "--no-progress", "--no-warmup"]
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_checkpoints_and_resume_is_bit_identical(tiny_cifar, tmp_path, sig, code):
-    straight = tmp_path / "straight"
+@pytest.fixture(scope="module")
+def straight_run(tiny_cifar, tmp_path_factory):
+    straight = tmp_path_factory.mktemp("straight") / "run"
     assert cli.main(["train", *STOP_ARGS, "--data", str(tiny_cifar), "--out", str(straight)]) == 0
+    return straight
+
+
+@pytest.mark.parametrize("sig,code,moments", [(signal.SIGTERM, 143, 3), (signal.SIGINT, 130, 2)])
+def test_signal_checkpoints_and_resume_is_bit_identical(tiny_cifar, straight_run, tmp_path, sig, code, moments):
+    straight = straight_run
     rng = random.Random(sig)
     stats = []
-    for k in range(3):                      # three random moments
+    for k in range(moments):                # random moments
         out = tmp_path / f"stopped{k}"
         p = subprocess.Popen([sys.executable, "-m", "resnets.cli", "train", *STOP_ARGS, "--data", str(tiny_cifar),
                               "--out", str(out)], stderr=subprocess.PIPE, text=True)

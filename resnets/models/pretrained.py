@@ -1,6 +1,6 @@
 """Trained weights that ship inside the package: ``create_model("resnet20", weights="cifar10")``.
 
-Each entry is one measured run (docs/models.md has its card): a ``.safetensors`` file in ``resnets/weights``
+Each entry is one measured run (docs/models.md has its card): a ``.safetensors`` file in ``resnets/models/weights``
 holding the weights, the preprocessing (the per-pixel training mean, Sec. 4.2), the class names and the recipe as a
 checkpoint of ``resnets train`` does, plus a ``card`` with the measured test error and where it was measured.
 The file's SHA-256 is fixed here and checked before anything is loaded.
@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
 @dataclass(frozen=True)
 class Pretrained:
     model: str
     tag: str
-    file: str                  # in resnets/weights
+    file: str                  # in resnets/models/weights
     sha256: str                # of the whole file
     test_error: float          # % on the 10,000 CIFAR-10 test images, as measured when it was trained
     errors_first_1000: int     # wrong top-1 predictions on the first 1,000 test images, fp32 on a CPU (the tests)
@@ -117,7 +117,7 @@ def pack(checkpoint: str, out: str, card: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m resnets.models.pretrained", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("pack", help="checkpoint -> resnets/weights/MODEL-TAG.safetensors")
+    p = sub.add_parser("pack", help="checkpoint -> resnets/models/weights/MODEL-TAG.safetensors")
     p.add_argument("checkpoint")
     p.add_argument("--name", required=True)
     p.add_argument("--tag", required=True)
