@@ -3,7 +3,6 @@ recorded errors, and a damaged or missing file is a clear error."""
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -2,7 +2,6 @@
 checkpoint on SIGTERM/SIGINT with an exact resume, time-based checkpoints, an explicit --data obeyed, and every
 numeric flag checked."""
 import json
-import os
 import random
 import signal
 import socket

@@ -76,9 +76,9 @@ train_side_by_side([c.__class__(**{**c.to_dict(), "milestones": tuple(c.mileston
 
 
 def test_kill_9_then_resume_side_by_side_is_bit_identical(tiny_cifar, tmp_path):
-    alone = [train(c) for c in cfgs(tiny_cifar, tmp_path / "alone", steps=40)]
+    alone = [train(c) for c in cfgs(tiny_cifar, tmp_path / "alone", steps=80)]
     root = tmp_path / "together"
-    proc = subprocess.Popen([sys.executable, "-c", _KILL, str(tiny_cifar), str(root), str(REPO / "tests"), "40"])
+    proc = subprocess.Popen([sys.executable, "-c", _KILL, str(tiny_cifar), str(root), str(REPO / "tests"), "80"])
     try:
         deadline = time.time() + 240
         # kill once every run has a checkpoint past its first, mid-run for all three
@@ -93,7 +93,7 @@ def test_kill_9_then_resume_side_by_side_is_bit_identical(tiny_cifar, tmp_path):
             proc.kill()
     assert not (root / "r8" / "summary.json").exists(), "killed too late to test a resume"
     resumed = train_side_by_side([c.__class__(**{**c.to_dict(), "milestones": tuple(c.milestones), "resume": "auto"})
-                                  for c in cfgs(tiny_cifar, root, steps=40)])
+                                  for c in cfgs(tiny_cifar, root, steps=80)])
     for a, t in zip(alone, resumed):
         assert a.step == t.step
         assert_same_run(Path(a.out), Path(t.out))

@@ -49,7 +49,6 @@ class StaticStep:
         self.x = torch.zeros(batch_shape, device=device).contiguous(memory_format=memory_format)
         self.y = torch.zeros(batch_shape[0], device=device, dtype=torch.int64)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.pool = None
         self.graph_lr: float | None = None
         self.captures = 0
         self.loss = self.wrong = None

@@ -36,7 +36,7 @@ from ..models import create_model
 from . import checkpoint as ck
 from . import distributed as ddp
 from .evaluate import evaluate_model
-from .log import RunLog, read_log  # noqa: F401 - read_log is part of this module's API (resnets.train.read_log)
+from .log import RunLog
 from .rundir import GracefulStop, RunDirError, RunLock, StoppedBySignal, check_fresh_start, check_resume_config
 from .runtime import Runtime, pick_runtime
 from .sources import make_source
@@ -225,10 +225,6 @@ def _train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.on_nan not in ("stop", "skip"):
-        raise ValueError(f"on_nan must be 'stop' or 'skip', got {cfg.on_nan!r}")
-    if cfg.steps <= 0 or cfg.batch_size <= 0:
-        raise ValueError("steps and batch_size must be positive")
     main = ctx.is_main
     rt = pick_runtime(device, cfg.precision, cfg.channels_last)
     if rt.is_cuda:   # fixed batch shapes: let cuDNN time its kernels once and keep the fastest
