@@ -109,8 +109,7 @@ class Options:
     iters: int | None = None
     smoke: bool = False
     compile: str = "auto"                 # inference compiler for ours (inductor | jit | none | auto)
-    compile_in_graph: bool = False        # extra GPU variant: torch.compile inside the captured step (unmeasured)
-    infer_cuda_graphs: bool = False       # extra GPU variant: inductor + CUDA graphs for inference (unmeasured)
+    compile_in_graph: bool = False        # extra GPU row: torch.compile inside the captured step (train --compile)
     peers_compile: bool | None = None     # torch.compile the inference peer (default: on GPU only)
     batch: int | None = None              # override the case's batch size
     seed: int = 0
@@ -190,7 +189,7 @@ def ours_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opts: Options
         static = StaticStep(model, opt, rt.autocast, tuple(x.shape), rt.device, rt.memory_format, capture=True,
                             compile=True)
         step: Callable = static
-        kind = "whole-step CUDA graph, torch.compile inside (unmeasured option)"
+        kind = "whole-step CUDA graph, torch.compile inside (resnets train --compile)"
     else:
         step = maybe_graph_step(SimpleNamespace(cuda_graph=graph, on_nan="stop"), model, opt, rt,
                                 _FixedSource(x, y), eager)
@@ -265,19 +264,16 @@ def plain_infer(model: nn.Module, x: torch.Tensor, opts: Options, *, key: str, l
                 time.perf_counter() - t0)
 
 
-def ours_infer(reference: nn.Module, x: torch.Tensor, opts: Options, *, compile: str, key: str, role: str,
-               cuda_graphs: bool = False) -> Impl:
+def ours_infer(reference: nn.Module, x: torch.Tensor, opts: Options, *, compile: str, key: str, role: str) -> Impl:
     t0 = time.perf_counter()
     dev = torch.device(opts.device)
     dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
     ours = from_torchvision(reference) if type(reference).__module__.startswith("torchvision") else reference
     ours = ours.to(dev)
-    fast = inference_model(ours, channels_last=True, compile=compile, dtype=dtype, cuda_graphs=cuda_graphs,
-                           example=x[:1].to(dev))
+    fast = inference_model(ours, channels_last=True, compile=compile, dtype=dtype, example=x[:1].to(dev))
     xd = x.to(dev)
     words = {"none": "eager", "inductor": "torch.compile (inductor, freezing)", "jit": "jit trace+freeze"}
-    label = (f"ours: BN folded, channels_last, {'bf16 weights' if dtype else 'fp32'}, {words[fast.compiler]}"
-             + (", CUDA graphs" if cuda_graphs else ""))
+    label = f"ours: BN folded, channels_last, {'bf16 weights' if dtype else 'fp32'}, {words[fast.compiler]}"
 
     def fn():
         return fast(xd)
@@ -380,9 +376,6 @@ def build_case(spec: CaseSpec, opts: Options) -> tuple[list[Impl], dict[str, Any
             if other != impls[0].info["compiler"]:
                 _optional(impls, skipped, f"ours-{other}", lambda o=other: ours_infer(
                     copy.deepcopy(tv), x, opts, compile=o, key=f"ours-{o}", role="variant"))
-    if dev.type == "cuda" and opts.infer_cuda_graphs:
-        _optional(impls, skipped, "ours-cudagraphs", lambda: ours_infer(
-            copy.deepcopy(tv), x, opts, compile="inductor", cuda_graphs=True, key="ours-cudagraphs", role="variant"))
     peer_compile = opts.peers_compile if opts.peers_compile is not None else dev.type == "cuda"
     impls.append(plain_infer(tv, x, opts, key="torchvision", label="torchvision", channels_last=dev.type == "cuda",
                              dtype=dtype, compile=peer_compile and not opts.smoke))

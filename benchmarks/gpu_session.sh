@@ -14,12 +14,15 @@
 #        set. $OUT/paper-results.tar.gz: logs, results, figures; $OUT/paper-weights.tar: the last checkpoints.
 #        LIMIT (seconds, default 420) stops training and still packs what is there (resumable from those
 #        checkpoints with --resume, which reproduce does by itself).
+# variants: benchmarks/gpu_step_variants.py (step variants, kernel profile), side_by_side.py with
+#        CUDA_DEVICE_MAX_CONNECTIONS=32 (and fused SGD), then ResNet-50 with compile in the graph (run on
+#        2026-11-27 with --infer-cuda-graphs too, an option removed since); BUDGET seconds in all (default 470).
 # suite: benchmarks/gpu_suite.sh (graph vs eager losses, CIFAR graph speed, ResNet-50 vs torchvision/timm).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export OUT=${OUT:-./gpu-session-out} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT"
-what=${1:?usage: gpu_session.sh sbs|paper|suite}
+what=${1:?usage: gpu_session.sh sbs|paper|suite|variants}
 python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA")' | tee -a "$OUT/device.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee -a "$OUT/device.txt"
@@ -37,6 +40,19 @@ case $what in
     (cd "$work" && tar czf "$OUT/paper-results.tar.gz" --exclude='checkpoints' reproduce)
     (cd "$work" && find reproduce -path '*/checkpoints/step-*' -type f | tar cf "$OUT/paper-weights.tar" -T -)
     ls -la "$OUT" ;;
+  variants)
+    # 2026-11-27, second lent session: what the first left unmeasured, in priority order, each part bounded.
+    end=$(( $(date +%s) + ${BUDGET:-470} ))
+    left() { echo $(( end - $(date +%s) )); }
+    timeout -s INT "$(left)" python3 benchmarks/gpu_step_variants.py --out "$OUT" 2>&1 | tee "$OUT/variants.log"
+    [ "$(left)" -gt 60 ] && CUDA_DEVICE_MAX_CONNECTIONS=32 timeout -s INT "$(left)" python3 benchmarks/side_by_side.py \
+        --out "$OUT/sbs-conn32" --sets nine 2>&1 | tee "$OUT/sbs-conn32.log"
+    [ "$(left)" -gt 40 ] && CUDA_DEVICE_MAX_CONNECTIONS=32 timeout -s INT "$(left)" python3 benchmarks/side_by_side.py \
+        --out "$OUT/sbs-conn32-fused" --sets --fused-sgd 2>&1 | tee "$OUT/sbs-conn32-fused.log"
+    [ "$(left)" -gt 60 ] && OUT="$OUT/suite-r50" timeout -s INT "$(left)" bash benchmarks/gpu_suite.sh --parity \
+        --cases resnet50-train resnet50-infer --compile-in-graph --budget-s 400 2>&1 \
+        | tee "$OUT/suite-r50.log"
+    echo "variants: done with $(left) s of BUDGET left" ;;
   suite)
     bash benchmarks/gpu_suite.sh --budget-s "${BUDGET:-300}" "${@:2}" 2>&1 | tee "$OUT/gpu_suite.log" ;;
   *)

@@ -4,7 +4,7 @@ inference against torchvision/timm, and a check that the captured step trains li
     bash benchmarks/gpu_suite.sh                          # on a GPU machine: about 5 min on an H100
     python3 benchmarks/gpu_suite.py --smoke               # anywhere, seconds: tiny sizes; on a CPU the CUDA-only
                                                           # parts are listed as skipped, with the reason
-    python3 benchmarks/gpu_suite.py --compile-in-graph --infer-cuda-graphs    # + the unmeasured options
+    python3 benchmarks/gpu_suite.py --compile-in-graph    # + rows for `resnets train --compile` (compile in the graph)
 
 What runs (all in this process, so the ratios come from the same machine state; docs/performance.md):
 1. graph vs eager losses: ResNet-20/56/110, batch 128, bf16 autocast, channels_last, 100 SGD steps from one
@@ -17,8 +17,8 @@ What runs (all in this process, so the ratios come from the same machine state; 
 4. ResNet-50 inference, batch 256, bf16: ours (``inference_model``: BN folded, channels_last, bf16 weights,
    inductor with freezing) vs torchvision ``torch.compile``d under bf16 autocast (goal: >= 25,000 img/s).
 
-Options ``--compile-in-graph`` (torch.compile inside the captured step: BN + ReLU + add fusion) and
-``--infer-cuda-graphs`` (inductor + CUDA graphs for inference) add rows; both are unmeasured ideas.
+``--compile-in-graph`` adds rows for torch.compile inside the captured step (BN + ReLU + add fusion), which is what
+``resnets train --compile`` does on a GPU: 1.47x torchvision for ResNet-50 on an H200 (docs/performance.md).
 
 Output: the markdown tables last on stdout, and ``$OUT/gpu_suite.json`` + ``$OUT/gpu_suite.md`` (``--out``, else
 the environment's ``OUT``, else ./bench-out), rewritten after every part so a cut-off run keeps what it measured.
@@ -56,7 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parity", nargs="*", default=None, help=f"nets for the loss check (default {PARITY_MODELS})")
     p.add_argument("--parity-steps", type=int, default=100)
     p.add_argument("--compile-in-graph", action="store_true", help="add: torch.compile inside the captured step")
-    p.add_argument("--infer-cuda-graphs", action="store_true", help="add: inductor + CUDA graphs for inference")
     p.add_argument("--repeats", type=int, help="timed repeats (default 7)")
     p.add_argument("--iters", type=int, help="iterations per repeat (default 20)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -75,8 +74,7 @@ class Suite:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.opts = bench.Options(device=self.device, smoke=args.smoke, repeats=args.repeats, iters=args.iters,
-                                  compile_in_graph=args.compile_in_graph and self.cuda,
-                                  infer_cuda_graphs=args.infer_cuda_graphs and self.cuda)
+                                  compile_in_graph=args.compile_in_graph and self.cuda)
         if self.cuda:
             torch.backends.cudnn.benchmark = True
         self.result = {"suite": "gpu_suite", "argv": sys.argv[1:], "machine": bench.machine_info(self.opts),
@@ -139,8 +137,6 @@ class Suite:
             self.skip("bf16 autocast, torch.compile'd torchvision inference peer", why)
             if args.compile_in_graph:
                 self.skip("--compile-in-graph", why)
-            if args.infer_cuda_graphs:
-                self.skip("--infer-cuda-graphs", why)
             if not args.smoke:
                 self.skip("every case", why + "; pass --smoke to run the suite's logic on the CPU at tiny sizes")
                 return self.finish()

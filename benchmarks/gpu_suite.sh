@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_suite.sh                       # results in $OUT (default ./bench-out)
 #   bash benchmarks/gpu_suite.sh --smoke               # seconds, on any machine (CPU: CUDA-only parts skipped)
-#   bash benchmarks/gpu_suite.sh --compile-in-graph --infer-cuda-graphs   # + the unmeasured options
+#   bash benchmarks/gpu_suite.sh --compile-in-graph    # + rows for train --compile (compile inside the graph)
 #
 # Needs python3 with torch, torchvision and timm; no internet, no install (the script imports this checkout).
 set -euo pipefail

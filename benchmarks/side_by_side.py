@@ -73,22 +73,26 @@ class Timer:
         return statistics.median(times)
 
 
-def graphs_part(nets, batch: int, rounds: int, smoke: bool) -> dict:
+def graphs_part(nets, batch: int, rounds: int, smoke: bool, fused_sgd: bool = False, compile: bool = False) -> dict:
     rt = pick_runtime("auto")
     timer = Timer(rt.is_cuda)
     statics = []
     for net, depth in nets:
         torch.manual_seed(0)
         model = create_model(f"{net}20", depth=depth).to(rt.device, memory_format=rt.memory_format).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-        s = StaticStep(model, opt, rt.autocast, (batch, 3, 32, 32), rt.device, rt.memory_format, capture=rt.is_cuda)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4,
+                              **({"fused": True} if fused_sgd else {}))
+        s = StaticStep(model, opt, rt.autocast, (batch, 3, 32, 32), rt.device, rt.memory_format, capture=rt.is_cuda,
+                       compile=compile and rt.is_cuda)
         x = torch.randn(batch, 3, 32, 32, device=rt.device).contiguous(memory_format=rt.memory_format)
         y = torch.randint(0, 10, (batch,), device=rt.device)
         for _ in range(4):       # 3 warm-up steps, then the capture
             s(x, y)
         statics.append(s)
     replay = (lambda s: s.graph.replay()) if rt.is_cuda else (lambda s: s._eager())
-    res: dict = {"nets": [f"{n}-{d}" for n, d in nets], "batch": batch, "runtime": rt.describe()}
+    res: dict = {"nets": [f"{n}-{d}" for n, d in nets], "batch": batch, "runtime": rt.describe(),
+                 "sgd": ("fused" if fused_sgd else "foreach") + (", torch.compile in graph" if compile else ""),
+                 "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "default (8)")}
     res["alone_ms"] = [timer.ms(lambda s=s: replay(s), rounds) for s in statics]
     res["one_stream_ms"] = timer.ms(lambda: [replay(s) for s in statics], rounds)
     if rt.is_cuda:
@@ -175,10 +179,12 @@ def table(res: dict) -> str:
     lines = []
     g = res.get("graphs")
     if g:
-        lines += [f"graphs only ({g['runtime']}, batch {g['batch']}): ms/step alone per net",
+        lines += [f"graphs only, {len(g['nets'])} nets ({g['runtime']}, batch {g['batch']}, {g.get('sgd', 'foreach')} SGD, "
+                  f"CUDA_DEVICE_MAX_CONNECTIONS {g.get('CUDA_DEVICE_MAX_CONNECTIONS', 'default (8)')}): "
+                  "ms/step alone per net",
                   "| " + " | ".join(g["nets"]) + " | sum |", "|" + "---|" * (len(g["nets"]) + 1),
                   "| " + " | ".join(f"{v:.2f}" for v in g["alone_ms"]) + f" | {g['alone_sum_ms']:.2f} |", "",
-                  "| nine nets, one step each | ms per round | aggregate ratio vs alone |", "|---|---|---|"]
+                  "| the nets, one step each | ms per round | aggregate ratio vs alone |", "|---|---|---|"]
         for k, name in (("one_stream", "one after another, one stream"), ("streams", "round-robin, a stream each"),
                         ("one_graph", "one graph, a branch per net")):
             if f"{k}_ms" in g:
@@ -202,7 +208,10 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny nets, few steps (checks the script on a CPU)")
     p.add_argument("--steps", type=int, default=300, help="steps per run, end to end (timed over the last 2/3)")
     p.add_argument("--rounds", type=int, default=30, help="rounds per timed repeat, graphs only")
-    p.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    p.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS), help="end-to-end sets (none: skip)")
+    p.add_argument("--fused-sgd", action="store_true", help="graphs only: SGD(fused=True) instead of foreach")
+    p.add_argument("--compile", action="store_true", help="graphs only: torch.compile the forward inside the graph")
+    p.add_argument("--graph-set", default="nine", choices=list(SETS), help="graphs only: which nets")
     p.add_argument("--skip-graphs", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -233,8 +242,8 @@ def main(argv=None) -> int:
 
     if not args.skip_graphs:
         def g():
-            res["graphs"] = graphs_part([(n, 8 if args.smoke else d) for n, d in NINE], batch,
-                                        3 if args.smoke else args.rounds, args.smoke)
+            res["graphs"] = graphs_part([(n, 8 if args.smoke else d) for n, d in SETS[args.graph_set]], batch,
+                                        3 if args.smoke else args.rounds, args.smoke, args.fused_sgd, args.compile)
             log(table({"graphs": res["graphs"], "errors": []}))
         part("graphs", g)
     n_train = 2000 if args.smoke else 50000
