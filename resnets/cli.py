@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -65,112 +66,72 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def _int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(_csv_ints(text))
+
+
+def flag_fields() -> list[dataclasses.Field]:
+    """The TrainConfig fields that are ``resnets train`` flags of their own: all but those whose metadata says
+    "cli": "explicit" (recipe, model_kwargs: spelled below) or "none" (not a flag)."""
+    from .config import TrainConfig
+
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata["cli"] == "flag"]
+
+
+def add_field_flag(p: argparse._ActionsContainer, f: dataclasses.Field) -> None:
+    """``--name-with-dashes`` for a TrainConfig field, typed by its annotation, with its metadata's help and choices.
+    The default is None: a flag not given leaves the recipe's (or --config file's) value."""
+    from .config import field_type
+
+    kind, _ = field_type(f.name)
+    kw: dict = {"dest": f.name, "default": None, "help": f.metadata["help"].replace("%", "%%")}
+    if kind is bool:
+        kw["action"] = argparse.BooleanOptionalAction     # --x / --no-x
+    elif kind is tuple:
+        kw["type"] = _int_tuple                            # tuple[int, ...]: 32000,48000
+    elif kind in (int, float, str):
+        kw["type"] = kind
+        if f.metadata["choices"]:
+            kw["choices"] = f.metadata["choices"]
+    else:
+        raise TypeError(f"TrainConfig.{f.name}: no flag for a {kind.__name__}; give it \"cli\": \"explicit\" or "
+                        "\"none\" in its metadata")
+    p.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="a name from `resnets models` (default resnet20)")
+    from .config import TrainConfig
+
+    meta = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
     p.add_argument("--config", help="a JSON config, e.g. a run's config.json; the flags given override it")
-    add_model_args(p)
-    p.add_argument("--recipe", default="cifar-paper", help="named recipe (default cifar-paper, Sec. 4.2)")
-    p.add_argument("--data", help="directory with the data set (else RESNETS_DATA, the cache, or a download)")
-    p.add_argument("--dataset", choices=["cifar10", "cifar100", "imagefolder"],
-                   help="imagefolder: --data DIR holds DIR/train/CLASS/* and DIR/val/CLASS/* (imagenet recipes)")
-    p.add_argument("--out", help="run directory (default runs/MODEL)")
-    o = p.add_argument_group("recipe overrides")
-    o.add_argument("--steps", type=int, help="iterations (the recipe's milestones are scaled to match)")
-    o.add_argument("--epochs", type=float, help="epochs instead of --steps")
-    o.add_argument("--batch-size", type=int)
-    o.add_argument("--lr", type=float)
-    o.add_argument("--milestones", type=_csv_ints, help="steps where lr is divided by 10, e.g. 32000,48000")
-    o.add_argument("--momentum", type=float)
-    o.add_argument("--weight-decay", type=float)
-    o.add_argument("--warmup-lr", type=float, help="warm-up lr (default: 0.01 for depth >= 110, as Sec. 4.2)")
-    o.add_argument("--no-warmup", action="store_true", help="no warm-up, whatever the depth")
-    o.add_argument("--val-split", type=int, help="hold out N training images for validation (5000: the paper's)")
-    o.add_argument("--normalize", choices=["pixel-mean", "channel"])
-    o.add_argument("--no-augment", action="store_true", help="no pad-crop-flip")
-    o.add_argument("--seed", type=int)
-    r = p.add_argument_group("evaluation, logs, checkpoints")
-    r.add_argument("--eval-every", type=int)
-    r.add_argument("--eval-subset", type=int, help="evaluate on the first N test images")
-    r.add_argument("--log-every", type=int)
-    r.add_argument("--checkpoint-every", type=int)
-    r.add_argument("--keep-last", type=int)
-    r.add_argument("--resume", help="checkpoint directory, or 'auto' for the newest in --out")
-    r.add_argument("--overwrite", action="store_true", default=None,
-                   help="start fresh in an --out that holds a run: the old run is moved to OUT.old-TIMESTAMP")
-    r.add_argument("--checkpoint-minutes", type=float,
-                   help="also checkpoint when this many minutes passed since the last (default 10; 0: off)")
-    r.add_argument("--log-format", choices=["jsonl", "csv"])
-    r.add_argument("--tensorboard", action="store_true", default=None)
-    r.add_argument("--no-progress", action="store_true")
-    r.add_argument("--on-nan", choices=["stop", "skip"])
-    d = p.add_argument_group("runtime")
-    d.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    d.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    d.add_argument("--no-channels-last", action="store_true")
-    d.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    d.add_argument("--no-compile", action="store_false", dest="compile", help="no torch.compile (cifar-fast uses it)")
-    d.add_argument("--no-cuda-graph", action="store_true", help="never capture the step in a CUDA graph")
-    d.add_argument("--threads", type=int, help="CPU threads for torch")
-    d.add_argument("--sync-bn", action="store_true", default=None,
-                   help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)")
-    i = p.add_argument_group("ImageFolder data (--recipe imagenet-paper; Sec. 3.4)")
-    i.add_argument("--workers", type=int, help="DataLoader worker processes per rank (default 8)")
-    i.add_argument("--crop", type=int, help="training and test crop (default 224)")
-    i.add_argument("--resize-min", type=int, help="scale augmentation: shorter side from [min, max] (256)")
-    i.add_argument("--resize-max", type=int, help="(480)")
-    i.add_argument("--eval-resize", type=int, help="shorter side before the test centre crop (256)")
-    i.add_argument("--lighting", type=float, help="PCA colour augmentation strength (0.1; 0 disables)")
-    i.add_argument("--label-smoothing", type=float, help="not the paper (imagenet-modern uses 0.1)")
-    i.add_argument("--lr-schedule", choices=["step", "cosine", "one-cycle"],
-                   help="not the paper: cosine (imagenet-modern), one-cycle (cifar-fast)")
-    i.add_argument("--lr-warmup", type=float, help="one-cycle: fraction of the steps for the lr to rise (0.04)")
-    i.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (not the paper)")
+    p.add_argument("--recipe", default="cifar-paper", help=meta["recipe"]["help"])
+    add_model_args(p)                                       # model_kwargs
+    groups: dict = {None: p}
+    for f in flag_fields():
+        group = f.metadata["group"]
+        if group not in groups:
+            groups[group] = p.add_argument_group(group)
+        add_field_flag(groups[group], f)
+    groups[meta["warmup_lr"]["group"]].add_argument("--no-warmup", action="store_true",
+                                                   help="no warm-up, whatever the depth")
 
 
 def train_config(args: argparse.Namespace):
-    from .config import recipe
+    """The TrainConfig of ``resnets train``: the recipe (or the --config file) with the fields of the flags given."""
+    from .config import RECIPES, TrainConfig, recipe
 
-    overrides = {
-        "model": args.model, "model_kwargs": model_kwargs(args), "data": args.data, "dataset": args.dataset,
-        "steps": args.steps, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-        "milestones": args.milestones, "momentum": args.momentum, "weight_decay": args.weight_decay,
-        "warmup_lr": args.warmup_lr, "val_split": args.val_split, "normalize": args.normalize, "seed": args.seed,
-        "eval_every": args.eval_every, "eval_subset": args.eval_subset, "log_every": args.log_every,
-        "checkpoint_every": args.checkpoint_every, "keep_last": args.keep_last, "resume": args.resume,
-        "overwrite": args.overwrite, "checkpoint_minutes": args.checkpoint_minutes,
-        "log_format": args.log_format, "tensorboard": args.tensorboard, "on_nan": args.on_nan,
-        "device": args.device, "precision": args.precision, "compile": args.compile, "threads": args.threads,
-        "out": args.out, "sync_bn": args.sync_bn, "workers": args.workers, "crop": args.crop,
-        "resize_min": args.resize_min, "resize_max": args.resize_max, "eval_resize": args.eval_resize,
-        "lighting": args.lighting, "label_smoothing": args.label_smoothing, "lr_schedule": args.lr_schedule,
-        "lr_warmup": args.lr_warmup, "nesterov": args.nesterov,
-    }
+    overrides = {f.name: getattr(args, f.name) for f in flag_fields()}     # None: not given
+    overrides["model_kwargs"] = model_kwargs(args)
     if args.config:
-        import dataclasses
-
-        from .config import TrainConfig
         base = TrainConfig.load(args.config)
         if not overrides["model_kwargs"]:
             overrides.pop("model_kwargs")
         cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     else:
-        from .config import RECIPES
         overrides["model"] = args.model or (RECIPES[args.recipe].model if args.recipe in RECIPES else "resnet20")
         overrides["out"] = args.out or f"runs/{overrides['model']}"
         cfg = recipe(args.recipe, **overrides)
-    changes = {}
-    if args.no_warmup:
-        changes["warmup_lr"] = None
-    if args.no_augment:
-        changes["augment"] = False
-    if args.no_progress:
-        changes["progress"] = False
-    if args.no_channels_last:
-        changes["channels_last"] = False
-    if args.no_cuda_graph:
-        changes["cuda_graph"] = False
-    import dataclasses
-    return dataclasses.replace(cfg, **changes)
+    return dataclasses.replace(cfg, warmup_lr=None) if args.no_warmup else cfg
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -9,73 +9,109 @@ import dataclasses
 import json
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+
+# Every field is also a ``resnets train`` flag: cli.py builds the parser from these fields (--name-with-dashes; its
+# type from the annotation: bool -> --x/--no-x, tuple[int, ...] -> comma-separated ints; None and "auto" are values
+# a flag cannot give, only a recipe or a config file). The metadata holds each flag's help text and help group, the
+# allowed values of str fields (checked by validate() as well as by the parser), and "cli": "explicit" where cli.py
+# spells the flags itself or "none" for a field that is not a flag.
+_RECIPE, _LOGS, _RUNTIME = "recipe overrides", "evaluation, logs, checkpoints", "runtime"
+_IMAGEFOLDER = "ImageFolder data (--recipe imagenet-paper; Sec. 3.4)"
+_MODERN = "not the paper (cifar-fast, imagenet-modern)"
+
+
+def _field(default: Any, help: str, group: str | None = None, *, choices: tuple[str, ...] | None = None,
+           cli: str = "flag", factory: Any = None) -> Any:
+    """A TrainConfig field with its command-line metadata (see above)."""
+    meta = {"help": help, "group": group, "choices": choices, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
     # what to train
-    model: str = "resnet20"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    dataset: str = "cifar10"                 # "cifar10" | "cifar100" | "imagefolder" (DIR/train, DIR/val)
-    data: str | None = None                  # directory with the data; None: RESNETS_DATA, cache, download
+    model: str = _field("resnet20", "a name from `resnets models` (default: the recipe's, resnet20 for CIFAR)")
+    model_kwargs: dict[str, Any] = _field(None, "model constructor arguments (flags: --shortcut, --stride-in, "
+                                          "--depth, --zero-init-residual)", cli="explicit", factory=dict)
+    dataset: str = _field("cifar10", "imagefolder: --data DIR holds DIR/train/CLASS/* and DIR/val/CLASS/* "
+                          "(imagenet recipes)", choices=("cifar10", "cifar100", "imagefolder"))
+    data: str | None = _field(None, "directory with the data set (else RESNETS_DATA, the cache, or a download)")
     # optimisation (the recipe)
-    recipe: str = "cifar-paper"
-    steps: int = 64_000
-    epochs: float | None = None              # if set, replaces steps (epochs x steps per epoch)
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    nesterov: bool = False
-    milestones: tuple[int, ...] = (32_000, 48_000)
-    gamma: float = 0.1
+    recipe: str = _field("cifar-paper", "named recipe (default cifar-paper, Sec. 4.2)", cli="explicit")
+    steps: int = _field(64_000, "iterations (the recipe's milestones are scaled to match)", _RECIPE)
+    epochs: float | None = _field(None, "epochs instead of --steps (epochs x steps per epoch)", _RECIPE)
+    batch_size: int = _field(128, "mini-batch size; under torchrun the global batch", _RECIPE)
+    lr: float = _field(0.1, "learning rate", _RECIPE)
+    momentum: float = _field(0.9, "SGD momentum", _RECIPE)
+    weight_decay: float = _field(1e-4, "L2 weight decay", _RECIPE)
+    nesterov: bool = _field(False, "Nesterov momentum (not the paper)", _MODERN)
+    milestones: tuple[int, ...] = _field((32_000, 48_000), "steps where lr is multiplied by --gamma (divided by 10), "
+                                         "e.g. 32000,48000", _RECIPE)
+    gamma: float = _field(0.1, "lr factor at each milestone (0.1: divide by 10)", _RECIPE)
     # Sec. 4.2, ResNet-110: "we use 0.01 to warm up the training until the training error is below 80% (about
-    # 400 iterations), and then go back to 0.1". None disables it; "auto" enables it for depth >= 110.
-    warmup_lr: float | None | str = "auto"
-    warmup_until_error: float = 0.80
-    warmup_max_steps: int = 2_000
+    # 400 iterations), and then go back to 0.1". None disables it (--no-warmup); "auto" enables it for depth >= 110.
+    warmup_lr: float | Literal["auto"] | None = _field("auto", "warm-up lr (default: 0.01 for depth >= 110, as "
+                                                       "Sec. 4.2)", _RECIPE)
+    warmup_until_error: float = _field(0.80, "warm-up lasts until the training error is below this", _RECIPE)
+    warmup_max_steps: int = _field(2_000, "and at most this many steps", _RECIPE)
     # data pipeline
-    val_split: int = 0                       # 5000 gives the paper's 45k/5k train/val split; 0 trains on all 50k
-    normalize: str = "pixel-mean"            # "pixel-mean" (the paper) | "channel"
-    augment: bool = True                     # 4-pixel pad, random 32x32 crop, horizontal flip
-    seed: int = 0
+    val_split: int = _field(0, "hold out N training images for validation (5000: the paper's 45k/5k split; 0 "
+                            "trains on all 50k)", _RECIPE)
+    normalize: str = _field("pixel-mean", "subtract the per-pixel mean (the paper) or per-channel mean/std",
+                            _RECIPE, choices=("pixel-mean", "channel"))
+    augment: bool = _field(True, "pad-crop-flip: 4-pixel pad, random 32x32 crop, horizontal flip", _RECIPE)
+    seed: int = _field(0, "random seed (weights, data order, augmentation)", _RECIPE)
     # ImageFolder pipeline (dataset="imagefolder"; Sec. 3.4): scale augmentation, crop, colour augmentation
-    crop: int = 224                          # training crop and single-centre-crop / 10-crop test size
-    resize_min: int = 256                    # shorter side drawn uniformly from [resize_min, resize_max]
-    resize_max: int = 480
-    eval_resize: int = 256                   # shorter side before the centre crop (and the 10 crops) at test time
-    lighting: float = 0.1                    # PCA colour augmentation (AlexNet) alpha std; 0 disables
-    workers: int = 8                         # DataLoader worker processes per rank
-    # optional modern tricks (NOT the paper; used by "imagenet-modern" only)
-    label_smoothing: float = 0.0
-    lr_schedule: str = "step"                # "step" (the paper: divide by 10 at milestones) | "cosine" | "one-cycle"
-    lr_warmup: float = 0.0                   # one-cycle: fraction of the steps spent rising from lr/10 to lr
+    crop: int = _field(224, "training crop and single-centre-crop / 10-crop test size (224)", _IMAGEFOLDER)
+    resize_min: int = _field(256, "scale augmentation: shorter side from [min, max] (256)", _IMAGEFOLDER)
+    resize_max: int = _field(480, "scale augmentation: longest shorter side (480)", _IMAGEFOLDER)
+    eval_resize: int = _field(256, "shorter side before the test centre crop and the 10 crops (256)", _IMAGEFOLDER)
+    lighting: float = _field(0.1, "PCA colour augmentation (AlexNet) alpha std (0.1; 0 disables)", _IMAGEFOLDER)
+    workers: int = _field(8, "DataLoader worker processes per rank (default 8)", _IMAGEFOLDER)
+    # optional modern tricks (NOT the paper; used by "cifar-fast" and "imagenet-modern" only)
+    label_smoothing: float = _field(0.0, "label smoothing (cifar-fast and imagenet-modern use 0.1)", _MODERN)
+    lr_schedule: str = _field("step", "step: the paper's (lr / 10 at --milestones); cosine (imagenet-modern), "
+                              "one-cycle (cifar-fast)", _MODERN, choices=("step", "cosine", "one-cycle"))
+    lr_warmup: float = _field(0.0, "one-cycle: fraction of the steps for the lr to rise from lr/10 (0.04)", _MODERN)
     # data parallel (torchrun): the global batch is batch_size; BN statistics over the global batch with sync_bn
-    sync_bn: bool = False
+    sync_bn: bool = _field(False, "under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)",
+                           _RUNTIME)
     # evaluation, logging, checkpoints
-    eval_every: int = 2_000
-    eval_subset: int | None = None           # evaluate on the first N test images (a fixed subset)
-    log_every: int = 50
-    checkpoint_every: int = 2_000
-    checkpoint_minutes: float = 10.0         # also a checkpoint when this long has passed since the last (0: off)
-    keep_last: int = 2
-    out: str = "runs/default"
-    resume: str | None = None                # a checkpoint path, or "auto" for the newest in `out`
-    overwrite: bool = False                  # a fresh run may replace the run in `out` (moved aside, not deleted)
-    log_format: str = "jsonl"                # "jsonl" | "csv"
-    tensorboard: bool = False
-    progress: bool = True
-    on_nan: str = "stop"                     # "stop" | "skip": what a non-finite loss does
+    eval_every: int = _field(2_000, "evaluate every N steps (and at the end)", _LOGS)
+    eval_subset: int | None = _field(None, "evaluate on the first N test images (a fixed subset)", _LOGS)
+    log_every: int = _field(50, "log the training loss and error every N steps", _LOGS)
+    checkpoint_every: int = _field(2_000, "checkpoint every N steps (0: not by steps)", _LOGS)
+    checkpoint_minutes: float = _field(10.0, "also checkpoint when this many minutes passed since the last "
+                                       "(default 10; 0: off)", _LOGS)
+    keep_last: int = _field(2, "step checkpoints kept (0: all)", _LOGS)
+    out: str = _field("runs/default", "run directory (default runs/MODEL)")
+    resume: str | None = _field(None, "checkpoint directory, or 'auto' for the newest in --out", _LOGS)
+    overwrite: bool = _field(False, "start fresh in an --out that holds a run: the old run is moved to "
+                             "OUT.old-TIMESTAMP (not deleted)", _LOGS)
+    log_format: str = _field("jsonl", "training log format", _LOGS, choices=("jsonl", "csv"))
+    tensorboard: bool = _field(False, "also write TensorBoard event files", _LOGS)
+    progress: bool = _field(True, "progress bar", _LOGS)
+    on_nan: str = _field("stop", "what a non-finite loss does: stop the run, or skip the step", _LOGS,
+                         choices=("stop", "skip"))
     # runtime: one place picks these (resnets.train.runtime)
-    device: str = "auto"                     # "auto" | "cpu" | "cuda" | "cuda:N"
-    precision: str = "auto"                  # "auto" (bf16 on GPU, fp32 on CPU) | "fp32" | "bf16"
-    channels_last: bool | str = "auto"       # "auto": on for GPU and CPU convolutions (measured faster on both)
-    compile: bool = False
-    cuda_graph: bool | str = "auto"          # whole-step CUDA graph where it applies
-    threads: int | None = None               # torch CPU threads; None leaves torch's default
+    device: str = _field("auto", "auto (default), cpu, cuda, cuda:N", _RUNTIME)
+    precision: str = _field("auto", "auto: bf16 autocast on a GPU, fp32 on the CPU", _RUNTIME,
+                            choices=("auto", "fp32", "bf16", "fp16"))
+    channels_last: bool = _field(True, "channels_last memory format (on by default: measured faster for GPU and "
+                                 "CPU convolutions)", _RUNTIME)
+    compile: bool = _field(False, "torch.compile the model (cifar-fast does)", _RUNTIME)
+    cuda_graph: bool | Literal["auto"] = _field("auto", "capture the whole step in one CUDA graph (default: where "
+                                                "it applies; --no-cuda-graph: never)", _RUNTIME)
+    threads: int | None = _field(None, "CPU threads for torch (default: torch's)", _RUNTIME)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -89,6 +125,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config field(s): {sorted(unknown)}")
         d = dict(d)
+        for (name, old), value in LEGACY_VALUES.items():   # config.json files of earlier versions
+            if d.get(name) == old:
+                d[name] = value
         if "milestones" in d:
             if not isinstance(d["milestones"], (list, tuple)):
                 raise ValueError(f"milestones must be a list of steps, got {d['milestones']!r}")
@@ -178,12 +217,44 @@ class TrainConfig:
             raise ValueError(f"{source}: model must be a name and model_kwargs an object")
         if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in self.milestones):
             raise ValueError(f"{source}: milestones must be non-negative integers, got {list(self.milestones)!r}")
-        choices = {"lr_schedule": ("step", "cosine", "one-cycle"), "normalize": ("pixel-mean", "channel"),
-                   "on_nan": ("stop", "skip"), "log_format": ("jsonl", "csv"),
-                   "dataset": ("cifar10", "cifar100", "imagefolder")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{source}: {name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            v, allowed = getattr(self, f.name), f.metadata["choices"]
+            if allowed and v not in allowed:
+                raise ValueError(f"{source}: {flag(f.name)} must be one of {', '.join(allowed)}; got {v!r}")
+            kind, special = field_type(f.name)
+            if kind is bool and not (isinstance(v, bool) or v in special):
+                raise ValueError(f"{source}: {flag(f.name)} must be true or false"
+                                 f"{''.join(f' or {s!r}' for s in special)}, got {v!r}")
+
+
+# Values earlier versions wrote in config.json, and what they mean now; TrainConfig.from_dict maps them.
+LEGACY_VALUES: dict[tuple[str, str], Any] = {
+    ("channels_last", "auto"): True,     # "auto" always meant on
+    ("cuda_graph", "off"): False,        # an alias of False
+}
+
+
+@cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def field_type(name: str) -> tuple[type, tuple[Any, ...]]:
+    """What a TrainConfig field holds, read from its annotation: its one type (bool, int, float, str, tuple, dict)
+    and the special values it also takes (None, "auto"), which only recipes and config files give, not flags."""
+    hint = _hints()[name]
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds, special = [], []
+    for m in members:
+        if m is type(None):
+            special.append(None)
+        elif typing.get_origin(m) is Literal:
+            special.extend(typing.get_args(m))
+        else:
+            kinds.append(typing.get_origin(m) or m)
+    if len(kinds) != 1:
+        raise TypeError(f"TrainConfig.{name}: annotation {hint} must have one type besides None and Literal values")
+    return kinds[0], tuple(special)
 
 
 # Section 4.2: "weight decay of 0.0001 and momentum of 0.9 ... mini-batch size of 128 ... learning rate of 0.1,

@@ -105,7 +105,7 @@ class StaticStep:
 
 def graph_applies(cfg, rt, distributed: bool = False) -> tuple[bool, str]:
     """Whether the whole-step graph applies to this run, and why not."""
-    if cfg.cuda_graph is False or cfg.cuda_graph == "off":
+    if cfg.cuda_graph is False:
         return False, "disabled by --no-cuda-graph"
     if not rt.is_cuda:
         return False, "CUDA graphs need a GPU"

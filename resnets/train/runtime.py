@@ -33,7 +33,7 @@ class Runtime:
         return f"{name}, {prec}, {'channels_last' if self.channels_last else 'NCHW'}"
 
 
-def pick_runtime(device: str = "auto", precision: str = "auto", channels_last: bool | str = "auto") -> Runtime:
+def pick_runtime(device: str = "auto", precision: str = "auto", channels_last: bool = True) -> Runtime:
     if device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -53,5 +53,4 @@ def pick_runtime(device: str = "auto", precision: str = "auto", channels_last: b
         dtype = torch.float16
     else:
         raise ValueError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16")
-    cl = True if channels_last == "auto" else bool(channels_last)
-    return Runtime(dev, dtype, cl)
+    return Runtime(dev, dtype, bool(channels_last))
