@@ -55,7 +55,7 @@ from torch import nn  # noqa: E402
 from resnets.models import create_model, from_torchvision  # noqa: E402
 from resnets.models.inference import inference_model, max_logit_error  # noqa: E402
 from resnets.train.graphs import StaticStep, maybe_graph_step  # noqa: E402
-from resnets.train.loop import make_eager_step  # noqa: E402
+from resnets.train.step import make_eager_step  # noqa: E402
 from resnets.train.runtime import Runtime, pick_runtime  # noqa: E402
 
 # Paper recipe (Sec. 4.2 / 3.4) for every SGD in the benchmark, ours and peers alike.

@@ -19,7 +19,7 @@ import bench  # noqa: E402  (benchmarks/bench.py: the harness lives beside the p
 from resnets.models import fold_batchnorm
 from resnets.models.inference import FP32_ATOL, FP32_RTOL, InferenceModel, inference_model, max_logit_error
 from resnets.train.graphs import StaticStep, maybe_graph_step
-from resnets.train.loop import make_eager_step
+from resnets.train.step import make_eager_step
 from resnets.train.runtime import pick_runtime
 
 from conftest import twin_nets

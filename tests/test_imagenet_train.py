@@ -15,7 +15,7 @@ from resnets.config import IMAGENET_STEPS_PER_EPOCH, recipe
 from resnets.data.imagefolder import write_random_imagefolder
 from resnets.train import load_checkpoint, read_log, train
 from resnets.train.evaluate import evaluate_imagefolder_checkpoint
-from resnets.train.loop import learning_rate
+from resnets.train.schedule import learning_rate
 
 # torchvision 0.29 deprecates its image decoders (DeprecationWarning on every decode); not our concern here.
 pytestmark = pytest.mark.filterwarnings(

@@ -16,7 +16,7 @@ import resnets
 from resnets.config import TrainConfig, recipe
 from resnets.data import DeviceLoader
 from resnets.train import CheckpointError, NonFiniteLossError, load_checkpoint, model_from_checkpoint, read_log, train
-from resnets.train.loop import learning_rate, resolve_warmup
+from resnets.train.schedule import learning_rate, resolve_warmup
 
 from conftest import twin_nets
 
@@ -116,8 +116,8 @@ def test_sigkill_mid_checkpoint_leaves_previous_loadable(tiny_cifar, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cifar, tmp_path, monkeypatch):
     real_batch = DeviceLoader.batch
 
-    def poisoned(self, step, out=None):
-        x, y = real_batch(self, step, out)
+    def poisoned(self, step):
+        x, y = real_batch(self, step)
         if self.train and step >= 13:
             x = x.clone()
             x[0, 0, 0, 0] = float("nan")
@@ -135,8 +135,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cifar, tmp_path, mon
 def test_nan_loss_skip_mode(tiny_cifar, tmp_path, monkeypatch):
     real_batch = DeviceLoader.batch
 
-    def poisoned(self, step, out=None):
-        x, y = real_batch(self, step, out)
+    def poisoned(self, step):
+        x, y = real_batch(self, step)
         if self.train and step in (3, 7):
             x = x.clone()
             x[:, 0] = float("inf")
@@ -207,7 +207,7 @@ def test_cli_train_and_evaluate(tiny_cifar, tmp_path):
 def test_static_step_matches_eager_step():
     """The CUDA-graph step logic (static buffers, copies out) without the graph: bit-identical to eager on the CPU."""
     from resnets.train.graphs import StaticStep
-    from resnets.train.loop import make_eager_step
+    from resnets.train.step import make_eager_step
     from resnets.train.runtime import pick_runtime
 
     rt = pick_runtime("cpu", "fp32", True)
@@ -223,8 +223,8 @@ def test_static_step_matches_eager_step():
         if i == 5:
             for opt in (oa, ob):
                 opt.param_groups[0]["lr"] = 0.01
-        la, wa = eager(x, y)
-        lb, wb = static(x, y)
+        la, wa, _ = eager(x, y)
+        lb, wb, _ = static(x, y)
         assert torch.equal(la, lb) and torch.equal(wa, wb)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 

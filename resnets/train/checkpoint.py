@@ -253,3 +253,16 @@ def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for junk in Path(directory).glob(".*.tmp-*"):
         shutil.rmtree(junk, ignore_errors=True)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    s: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def set_rng_state(s: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(s["torch"])
+    if device.type == "cuda" and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)

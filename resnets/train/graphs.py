@@ -20,10 +20,11 @@ import warnings
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+from .step import StepOut, sgd_step
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], StepOut]
 
 
 class StaticStep:
@@ -55,12 +56,8 @@ class StaticStep:
         self.loss = self.wrong = None
 
     def _body(self) -> None:
-        with self.autocast():
-            logits = self.forward(self.x)
-            loss = F.cross_entropy(logits, self.y, label_smoothing=self.label_smoothing)
-        loss.backward()
-        self.optimizer.step()
-        self.loss, self.wrong = loss.detach(), (logits.argmax(1) != self.y).sum()
+        self.loss, self.wrong, _ = sgd_step(self.forward, self.optimizer, self.autocast, self.x, self.y,
+                                            self.label_smoothing)
 
     def _eager(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -78,29 +75,26 @@ class StaticStep:
         self.graph_lr = self.optimizer.param_groups[0]["lr"]
         self.captures += 1
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # A caller may fill the static buffers itself (``DeviceLoader.batch(step, out=(static.x, static.y))``).
-        if x is not self.x:
-            self.x.copy_(x)
-        if y is not self.y:
-            self.y.copy_(y)
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> StepOut:
+        self.x.copy_(x)
+        self.y.copy_(y)
         self.calls += 1
         if not self.capture:
             self._eager()
-            return self.loss.clone(), self.wrong.clone()
+            return StepOut(self.loss.clone(), self.wrong.clone())
         if self.calls <= self.warmup:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self._eager()
             torch.cuda.current_stream().wait_stream(side)
-            return self.loss.clone(), self.wrong.clone()
+            return StepOut(self.loss.clone(), self.wrong.clone())
         if self.graph is None or self.optimizer.param_groups[0]["lr"] != self.graph_lr:
             self._capture()
         self.graph.replay()
         self.replays += 1
         # Outputs of a graph are overwritten by the next replay: hand out copies.
-        return self.loss.clone(), self.wrong.clone()
+        return StepOut(self.loss.clone(), self.wrong.clone())
 
 
 def graph_applies(cfg, rt, distributed: bool = False) -> tuple[bool, str]:
@@ -128,7 +122,7 @@ def maybe_graph_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer, rt
                         compile=bool(getattr(cfg, "compile", False)),
                         label_smoothing=getattr(cfg, "label_smoothing", 0.0) or 0.0)
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(x: torch.Tensor, y: torch.Tensor) -> StepOut:
         nonlocal static
         if static is None:
             return eager_step(x, y)

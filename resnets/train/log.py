@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 class RunLog:
@@ -69,3 +72,50 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
             rows.append({k: (v if k == "split" else (None if v == "" else float(v) if k != "step" else int(v)))
                          for k, v in r.items()})
     return rows
+
+
+class LogWindow:
+    """The training loss and error summed on the device between two log lines (no host sync per step), with the
+    time since the last line. Under torchrun each rank sums its own share; :meth:`totals` adds them up."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss = torch.zeros((), device=device, dtype=torch.float32)
+        self.wrong = torch.zeros((), device=device, dtype=torch.int64)
+        self.seen = 0            # images this rank took into the sums
+        self.skipped = 0         # steps skipped by on_nan="skip", over the whole run
+        self.t = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, wrong: torch.Tensor, n: int) -> None:
+        self.loss += loss.float()
+        self.wrong += wrong
+        self.seen += n
+
+    def totals(self, ctx, batch: int) -> tuple[float, int | float, int | float]:
+        """(mean loss per step, wrong predictions, images) since the last line, summed over ranks."""
+        n_steps = self.seen / batch
+        if not ctx.enabled:
+            return self.loss.item() / n_steps, self.wrong.item(), self.seen
+        t = ctx.all_reduce_sum(torch.stack([self.loss.double(), self.wrong.double(),
+                                            torch.tensor(float(self.seen), dtype=torch.float64, device=self.device)]))
+        return t[0].item() / (n_steps * ctx.world_size), t[1].item(), t[2].item()
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.wrong.zero_()
+        self.seen, self.t = 0, time.perf_counter()
+
+    def state(self, ctx) -> dict[str, Any]:
+        """Every rank's sums since the last line, for a checkpoint: a run resumed from it logs as if it never
+        stopped. All ranks must call this (a collective under torchrun)."""
+        mine = torch.tensor([self.loss.item(), float(self.wrong.item()), float(self.seen)], dtype=torch.float64,
+                            device=self.device if ctx.backend == "nccl" else "cpu")
+        return {"per_rank": [[t[0].item(), int(t[1].item()), int(t[2].item())] for t in ctx.all_gather(mine)],
+                "skipped": self.skipped}
+
+    def restore(self, state: dict[str, Any] | None, ctx) -> None:
+        if state and len(state["per_rank"]) == ctx.world_size:    # (a different world size starts a fresh line)
+            loss, wrong, self.seen = state["per_rank"][ctx.rank]
+            self.loss.fill_(loss)
+            self.wrong.fill_(wrong)
+            self.skipped = state["skipped"]

@@ -18,16 +18,16 @@ writes logs and checkpoints; all ranks load the checkpoint it chose. See :mod:`r
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import __version__
@@ -36,42 +36,18 @@ from ..models import create_model
 from . import checkpoint as ck
 from . import distributed as ddp
 from .evaluate import evaluate_model
-from .log import RunLog
-from .rundir import GracefulStop, RunDirError, RunLock, StoppedBySignal, check_fresh_start, check_resume_config
+from .log import LogWindow, RunLog
+from .rundir import GracefulStop, StoppedBySignal, agree, load_resume, own_run_dir
 from .runtime import Runtime, pick_runtime
+from .schedule import learning_rate, resolve_steps, resolve_warmup
 from .sources import make_source
+from .step import make_eager_step
+
+__all__ = ["train", "train_steps", "run_to_end", "TrainResult", "NonFiniteLossError", "learning_rate"]
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the run stopped and its last good checkpoint is kept."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The learning-rate schedule of Sec. 4.2
-
-
-def learning_rate(cfg: TrainConfig, step: int, warming_up: bool) -> float:
-    """Step decay: lr * gamma^(number of milestones passed); the warm-up lr while warming up (ResNet-110).
-    ``lr_schedule="cosine"`` (not the paper; imagenet-modern): lr * (1 + cos(pi * step / steps)) / 2."""
-    base = cfg.warmup_lr if warming_up else cfg.lr
-    if cfg.lr_schedule == "cosine" and not warming_up:
-        return float(base) * 0.5 * (1.0 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
-    if cfg.lr_schedule == "one-cycle" and not warming_up:
-        # cifar-fast (not the paper): linear rise from base/10 over lr_warmup of the steps, then linear decay to 0
-        rise = max(1, round(cfg.lr_warmup * cfg.steps))
-        if step < rise:
-            return float(base) * (0.1 + 0.9 * step / rise)
-        return float(base) * max(0.0, (cfg.steps - step) / max(1, cfg.steps - rise))
-    if cfg.lr_schedule not in ("step", "cosine", "one-cycle"):
-        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; choose step, cosine or one-cycle")
-    return float(base) * cfg.gamma ** sum(step >= m for m in cfg.milestones)
-
-
-def resolve_warmup(cfg: TrainConfig, model: nn.Module) -> float | None:
-    if cfg.warmup_lr == "auto":
-        # Sec. 4.2 warms up ResNet-110 (and, in Sec. 4.2's last paragraph, the 1202-layer net); not shallower ones.
-        return 0.01 if getattr(model, "depth", 0) >= 110 and cfg.lr > 0.01 else None
-    return None if cfg.warmup_lr is None else float(cfg.warmup_lr)
 
 
 @dataclass
@@ -83,64 +59,6 @@ class TrainResult:
     train_error: float | None          # over the last log interval
     train_loss: float | None
     seconds: float
-
-
-def _rng_state(rt: Runtime) -> dict[str, Any]:
-    s: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if rt.is_cuda:
-        s["cuda"] = torch.cuda.get_rng_state(rt.device)
-    return s
-
-
-def _set_rng_state(s: dict[str, Any], rt: Runtime) -> None:
-    torch.set_rng_state(s["torch"])
-    if rt.is_cuda and "cuda" in s:
-        torch.cuda.set_rng_state(s["cuda"], rt.device)
-
-
-def find_resume(cfg: TrainConfig) -> Path | None:
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "auto":
-        found = ck.list_checkpoints(Path(cfg.out) / "checkpoints")
-        return found[-1] if found else None
-    p = Path(cfg.resume)
-    if not p.exists():
-        raise ValueError(f"--resume {p}: no such checkpoint")
-    return p
-
-
-def make_eager_step(model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, skip_nonfinite: bool = False,
-                    *, label_smoothing: float = 0.0, all_finite: Callable[[torch.Tensor], bool] | None = None,
-                    backward_on_skip: bool = False
-                    ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """One SGD step: forward, loss, backward, update. Returns (loss, wrong predictions) as device tensors.
-    With ``skip_nonfinite`` a NaN/inf loss returns before the update (the caller restores BN statistics);
-    ``all_finite(loss)`` decides that for all ranks together under DDP, where ``backward_on_skip`` still runs the
-    backward pass (DDP's gradient all-reduce expects one per forward) and then discards the gradients."""
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with rt.autocast():
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        if skip_nonfinite:
-            finite = all_finite(loss) if all_finite is not None else torch.isfinite(loss).item()
-            if not finite:
-                if backward_on_skip:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.zero_grad(set_to_none=True)
-                return loss.detach(), (logits.argmax(1) != y).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach(), (logits.argmax(1) != y).sum()
-
-    return step
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The loop
 
 
 def train(cfg: TrainConfig, *, data=None, on_log: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
@@ -178,9 +96,9 @@ def train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
     cfg.validate(source="train")          # before anything touches cfg.out
     out = Path(cfg.out)
     new_dir = not out.exists()
-    lock = _own_run_dir(cfg, ctx)
+    lock = own_run_dir(cfg, ctx)
     try:
-        return (yield from _train_steps(cfg, ctx, device, data, on_log, stop))
+        return (yield from _train_steps(_setup(cfg, ctx, device, data, on_log), stop))
     except BaseException:
         # A run that could not start (bad data, a bad checkpoint) leaves no directory it made just for its lock.
         if lock is not None and new_dir and {p.name for p in out.iterdir()} <= {".lock"}:
@@ -194,64 +112,75 @@ def train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
             lock.__exit__(None, None, None)
 
 
-def _own_run_dir(cfg: TrainConfig, ctx: ddp.DistContext) -> RunLock | None:
-    """Take ``cfg.out``'s lock and check a fresh run does not mix with an old one; every rank raises the same
-    RunDirError if rank 0 could not. Nothing is written to ``cfg.out`` before this succeeds."""
-    lock, error = None, None
-    if ctx.is_main:
-        try:
-            lock = RunLock(cfg.out).__enter__()
-            if cfg.resume is None:
-                moved = check_fresh_start(Path(cfg.out), cfg.overwrite)
-                if moved:
-                    print(moved, flush=True)
-        except RunDirError as e:
-            if lock is not None:
-                lock.__exit__(None, None, None)
-                lock = None
-            error = str(e)
-    if ctx.enabled:
-        error = ctx.broadcast_object(error)
-    if error is not None:
-        if lock is not None:
-            lock.__exit__(None, None, None)
-        raise RunDirError(error)
-    return lock
+# --------------------------------------------------------------------------------------------------------------
+# A run's state, and setting it up
 
 
-def _train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
-                 on_log: Callable[[dict[str, Any]], None] | None,
-                 stop: GracefulStop | None) -> Generator[int, None, TrainResult]:
+@dataclass
+class Run:
+    """Everything a run carries from one step to the next."""
+    cfg: TrainConfig                   # resolved: steps, milestones
+    lr_cfg: TrainConfig                # cfg with the warm-up lr resolved, for the schedule
+    ctx: ddp.DistContext
+    rt: Runtime
+    source: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step_fn: Callable
+    log: RunLog | None
+    on_log: Callable[[dict[str, Any]], None] | None
+    meta: dict[str, Any]
+    window: LogWindow
+    start: int = 0
+    warming: bool = False
+    recent_wrong: deque = field(default_factory=lambda: deque(maxlen=20))   # for the warm-up test
+    best: dict[str, Any] | None = None
+    last_good: Path | None = None
+    final: dict[str, Any] = field(default_factory=dict)
+    last_train: dict[str, Any] = field(default_factory=dict)
+    t_start: float = 0.0
+    t_ckpt: float = 0.0                # when the last checkpoint was written (or the run started)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        if self.log is None:
+            return
+        self.log.write(record)
+        if self.on_log is not None:
+            self.on_log(record)
+
+    def save(self, step: int, metrics: dict[str, Any] | None, path: Path | None = None) -> Path | None:
+        """A checkpoint (rank 0 writes; every rank must call this at the same step)."""
+        self.t_ckpt = time.perf_counter()
+        partial = self.window.state(self.ctx)
+        if not self.ctx.is_main:
+            return None
+        state = {"step": step, "optimizer": self.optimizer.state_dict(), "warming_up": self.warming,
+                 "recent_wrong": list(self.recent_wrong), "best": self.best, "rng": ck.rng_state(self.rt.device),
+                 "log_partial": partial}
+        return ck.save_checkpoint(path or self.out / "checkpoints" / f"step-{step:08d}", self.model,
+                                  meta={**self.meta, "step": step, "metrics": metrics},
+                                  preprocess=self.source.preprocess(), state=state)
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        bad = (~torch.isfinite(loss.detach().float())).float().reshape(1)
+        return self.ctx.all_reduce_sum(bad).item() == 0
+
+
+def _setup(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
+           on_log: Callable[[dict[str, Any]], None] | None) -> Run:
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    main = ctx.is_main
     rt = pick_runtime(device, cfg.precision, cfg.channels_last)
     if rt.is_cuda:   # fixed batch shapes: let cuDNN time its kernels once and keep the fastest
         torch.backends.cudnn.benchmark = True
-    out = Path(cfg.out)
-    ckpt_dir = out / "checkpoints"
-    resume_from = find_resume(cfg)
-    if ctx.enabled:   # every rank loads the checkpoint rank 0 chose (--out must be visible to all ranks)
-        chosen = ctx.broadcast_object(str(resume_from) if resume_from is not None else None)
-        resume_from = Path(chosen) if chosen is not None else None
-    resume = ck.load_checkpoint(resume_from) if resume_from else None
-    if resume is not None:
-        if resume.state is None:
-            raise ck.CheckpointError(f"{resume.path}: holds weights but no training state ({ck.STATE}); cannot resume")
-        if resume.model_name != cfg.model:
-            raise ck.CheckpointError(f"{resume.path}: is a checkpoint of {resume.model_name}, "
-                                     f"but this run trains {cfg.model}")
-        check_resume_config(resume.meta.get("config"), cfg.to_dict(), str(resume.path))
-
+    resume = load_resume(cfg, ctx)
     source = make_source(cfg, rt, ctx, data)
-    if cfg.epochs:
-        from ..config import RECIPES, scale_milestones
-        steps = max(1, math.ceil(cfg.epochs * (source.train_size // cfg.batch_size)))
-        base = RECIPES.get(cfg.recipe)
-        milestones = scale_milestones(_with(base, milestones=cfg.milestones), steps) if base is not None \
-            and cfg.milestones == base.milestones else cfg.milestones
-        cfg = _with(cfg, steps=steps, milestones=milestones, epochs=None)
+    cfg = resolve_steps(cfg, source.train_size)
 
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, num_classes=len(source.classes), **cfg.model_kwargs)
@@ -261,216 +190,149 @@ def _train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     warmup_lr = resolve_warmup(cfg, model)
-    warming = warmup_lr is not None
-    cfg_w = cfg if warmup_lr is None else _with(cfg, warmup_lr=warmup_lr)
-    recent_wrong: deque[float] = deque(maxlen=20)   # training error of the last batches, for the warm-up test
-    start, best = 0, None
+    lr_cfg = cfg if warmup_lr is None else dataclasses.replace(cfg, warmup_lr=warmup_lr)
+    meta = {"model": cfg.model, "model_kwargs": {"num_classes": len(source.classes), **cfg.model_kwargs},
+            "classes": source.classes, "dataset": source.name, "config": cfg.to_dict(),
+            "world_size": ctx.world_size, "resnets_version": __version__, "torch_version": torch.__version__}
+    run = Run(cfg, lr_cfg, ctx, rt, source, model, optimizer, None, None, on_log, meta, LogWindow(rt.device),
+              warming=warmup_lr is not None, t_start=t_start, t_ckpt=t_start)
     if resume is not None:
         model.load_state_dict(resume.weights)
         st = resume.state
         optimizer.load_state_dict(st["optimizer"])
-        start, warming, best = st["step"], st["warming_up"], st.get("best")
-        recent_wrong.extend(st.get("recent_wrong", []))
-        _set_rng_state(st["rng"], rt)
-
-    log = None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+        run.start, run.warming, run.best, run.last_good = st["step"], st["warming_up"], st.get("best"), resume.path
+        run.recent_wrong.extend(st.get("recent_wrong", []))
+        ck.set_rng_state(st["rng"], rt.device)
+        run.window.restore(st.get("log_partial"), ctx)
+    if ctx.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
         # overwrite is an instruction to this launch, not part of the run: a later --config must not repeat it
-        (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "overwrite": False}, indent=1,
-                                                    sort_keys=True) + "\n")
-        log = RunLog(out, cfg.log_format, cfg.tensorboard, start if resume is not None else None)
-    meta_base = {"model": cfg.model, "model_kwargs": {"num_classes": len(source.classes), **cfg.model_kwargs},
-                 "classes": source.classes, "dataset": source.name, "config": cfg.to_dict(),
-                 "world_size": ctx.world_size, "resnets_version": __version__, "torch_version": torch.__version__}
-
-    def all_finite(loss: torch.Tensor) -> bool:
-        bad = (~torch.isfinite(loss.detach().float())).float().reshape(1)
-        return ctx.all_reduce_sum(bad).item() == 0
+        (run.out / "config.json").write_text(json.dumps({**cfg.to_dict(), "overwrite": False}, indent=1,
+                                                        sort_keys=True) + "\n")
+        run.log = RunLog(run.out, cfg.log_format, cfg.tensorboard, run.start if resume is not None else None)
 
     fwd_model: nn.Module = ddp.wrap_ddp(model, ctx, rt.device) if ctx.enabled else model
     if cfg.compile:
         fwd_model = torch.compile(fwd_model)
-    step_fn = make_eager_step(fwd_model, optimizer, rt, skip_nonfinite=cfg.on_nan == "skip",
-                              label_smoothing=cfg.label_smoothing, all_finite=all_finite if ctx.enabled else None,
-                              backward_on_skip=ctx.enabled)
+    step_fn = make_eager_step(fwd_model, optimizer, rt, label_smoothing=cfg.label_smoothing, on_nan=cfg.on_nan,
+                              all_finite=run.all_finite if ctx.enabled else None, backward_on_skip=ctx.enabled,
+                              buffers_of=model)
     from .graphs import maybe_graph_step   # the whole-step CUDA graph, where it applies (graphs.graph_applies)
-    step_fn = maybe_graph_step(cfg, model, optimizer, rt, source, step_fn, distributed=ctx.enabled)
+    run.step_fn = maybe_graph_step(cfg, model, optimizer, rt, source, step_fn, distributed=ctx.enabled)
+    return run
 
-    def save(step: int, metrics: dict[str, Any] | None, path: Path | None = None) -> Path | None:
-        # Every rank calls save() at the same step (all the reasons to save are agreed on). The training-log sums
-        # since the last log line, over all ranks, go into the state, so a run stopped between log lines logs as
-        # if it had never stopped.
-        nonlocal t_ckpt
-        t_ckpt = time.perf_counter()
-        mine = torch.tensor([loss_acc.item(), float(wrong_acc.item()), float(seen)], dtype=torch.float64,
-                            device=rt.device if ctx.backend == "nccl" else "cpu")
-        per_rank = [[t[0].item(), int(t[1].item()), int(t[2].item())] for t in ctx.all_gather(mine)]
-        if not main:
-            return None
-        partial = {"per_rank": per_rank, "skipped": skipped}
-        state = {"step": step, "optimizer": optimizer.state_dict(), "warming_up": warming,
-                 "recent_wrong": list(recent_wrong), "best": best, "rng": _rng_state(rt), "log_partial": partial}
-        meta = {**meta_base, "step": step, "metrics": metrics}
-        return ck.save_checkpoint(path or ckpt_dir / f"step-{step:08d}", model, meta=meta,
-                                  preprocess=source.preprocess(), state=state)
 
-    def emit(record: dict[str, Any]) -> None:
-        if not main:
-            return
-        log.write(record)
-        if on_log is not None:
-            on_log(record)
+# --------------------------------------------------------------------------------------------------------------
+# The loop
 
-    def evaluate() -> dict[str, float]:
-        ctx.broadcast_buffers(model)   # rank 0's BN statistics everywhere: the ones its checkpoint holds
-        return evaluate_model(model, source.eval_loader, rt,
-                              reduce=ctx.all_reduce_sum if source.sharded_eval else None)
 
-    last_good = resume.path if resume is not None else None
+def _train_steps(run: Run, stop: GracefulStop | None) -> Generator[int, None, TrainResult]:
+    cfg, ctx = run.cfg, run.ctx
     bar = None
-    if cfg.progress and main:
+    if cfg.progress and ctx.is_main:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc=cfg.model, unit="step", dynamic_ncols=True)
-    model.train()
-    loss_acc = torch.zeros((), device=rt.device, dtype=torch.float32)
-    wrong_acc = torch.zeros((), device=rt.device, dtype=torch.int64)
-    seen, skipped, t_log = 0, 0, time.perf_counter()
-    t_ckpt = t_log
-    partial = resume.state.get("log_partial") if resume is not None else None
-    if partial and len(partial["per_rank"]) == ctx.world_size:    # (a different world size starts a fresh line)
-        loss_sum, wrong_sum, seen = partial["per_rank"][ctx.rank]
-        loss_acc.fill_(loss_sum)
-        wrong_acc.fill_(wrong_sum)
-        skipped = partial["skipped"]
-    last_train: dict[str, Any] = {}
-    final: dict[str, Any] = {}
-    check_each_step = cfg.on_nan == "skip" or warming
+        bar = tqdm(total=cfg.steps, initial=run.start, desc=cfg.model, unit="step", dynamic_ncols=True)
+    run.model.train()
     try:
-        for step in range(start, cfg.steps):
-            lr = learning_rate(cfg_w, step, warming)
-            for g in optimizer.param_groups:
+        for step in range(run.start, cfg.steps):
+            lr = learning_rate(run.lr_cfg, step, run.warming)
+            for g in run.optimizer.param_groups:
                 g["lr"] = lr
-            x, y = source.batch(step)
-            if cfg.on_nan == "skip":
-                saved = [b.clone() for b in model.buffers()]
-            loss, wrong = step_fn(x, y)
-            if check_each_step:
-                finite = all_finite(loss) if ctx.enabled else math.isfinite(loss.item())
-                if cfg.on_nan == "skip" and not finite:
-                    # No update was applied; the forward pass did move the BN running statistics: put them back.
-                    with torch.no_grad():
-                        for b, s in zip(model.buffers(), saved):
-                            b.copy_(s)
-                    skipped += 1
-                    emit({"step": step + 1, "split": "event", "event": f"skipped step {step + 1}: loss {loss.item()}"})
-                    loss, wrong = None, None
-                elif warming:
-                    if ctx.enabled:   # the warm-up test must see the global batch, so all ranks switch together
-                        w = ctx.all_reduce_sum(wrong.double().reshape(1)).item()
-                        recent_wrong.append(w / (y.numel() * ctx.world_size))
-                    else:
-                        recent_wrong.append(wrong.item() / y.numel())
-                    if len(recent_wrong) == recent_wrong.maxlen and sum(recent_wrong) / len(recent_wrong) < cfg.warmup_until_error \
-                            or step + 1 >= cfg.warmup_max_steps:
-                        warming = False
-                        emit({"step": step + 1, "split": "event", "event": f"warm-up done at step {step + 1}"})
-            if loss is not None:
-                loss_acc += loss.float()
-                wrong_acc += wrong
-                seen += y.numel()
+            x, y = run.source.batch(step)
+            out = run.step_fn(x, y)
             done = step + 1
-            if (done % cfg.log_every == 0 or done == cfg.steps) and seen:
-                n_steps = seen / y.numel()
-                if ctx.enabled:   # the log shows the global batch: sums over ranks
-                    t = ctx.all_reduce_sum(torch.stack([loss_acc.double(), wrong_acc.double(),
-                                                        torch.tensor(float(seen), dtype=torch.float64,
-                                                                     device=rt.device)]))
-                    loss_mean = t[0].item() / (n_steps * ctx.world_size)
-                    wrong_all, seen_all = t[1].item(), t[2].item()
-                else:
-                    loss_mean = loss_acc.item() / n_steps
-                    wrong_all, seen_all = wrong_acc.item(), seen
-                if not math.isfinite(loss_mean):
-                    raise NonFiniteLossError(
-                        f"the training loss became {loss_mean} between steps {done - seen // y.numel()} and {done}; "
-                        f"stopped. The last good checkpoint is {last_good or 'none (none was written yet)'}. "
-                        "Lower --lr, or pass --on-nan skip to skip such steps.")
-                if rt.is_cuda:   # this run's stream only: runs side by side have streams of their own
-                    torch.cuda.current_stream(rt.device).synchronize()
-                dt = time.perf_counter() - t_log
-                last_train = {"step": done, "split": "train", "loss": loss_mean,
-                              "error": 100.0 * wrong_all / seen_all, "lr": lr, "img_per_s": seen_all / dt,
-                              "elapsed_s": time.perf_counter() - t_start}
-                emit(last_train)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss_mean:.3f}", err=f"{last_train['error']:.1f}%",
-                                    img_s=f"{seen_all / dt:.0f}")
-                loss_acc.zero_()
-                wrong_acc.zero_()
-                seen, t_log = 0, time.perf_counter()
+            if out.skipped:
+                run.window.skipped += 1
+                run.emit({"step": done, "split": "event", "event": f"skipped step {done}: loss {out.loss.item()}"})
+            else:
+                if run.warming:
+                    _warmup_test(run, done, out.wrong, y.numel())
+                run.window.add(out.loss, out.wrong, y.numel())
+            if (done % cfg.log_every == 0 or done == cfg.steps) and run.window.seen:
+                _log_train(run, done, lr, y.numel(), bar)
             metrics = None
-            if (done % cfg.eval_every == 0 or done == cfg.steps) and source.eval_loader is not None:
-                metrics = evaluate()
-                final = {"step": done, "split": source.eval_name, **metrics, "elapsed_s": time.perf_counter() - t_start}
-                emit(final)
-                if best is None or metrics["error"] < best["error"]:
-                    best = {"step": done, **metrics}
-                    if cfg.checkpoint_every > 0:
-                        save(done, metrics, ckpt_dir / "best")
-                t_log = time.perf_counter()
-            saved_now = False
-            late = bool(cfg.checkpoint_minutes) and time.perf_counter() - t_ckpt >= 60 * cfg.checkpoint_minutes
-            stop_now, late = _agree(stop, late, ctx, rt) if done < cfg.steps else (False, False)
-            if cfg.checkpoint_every > 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps) or late:
-                last_good = save(done, metrics) or last_good
-                saved_now = True
-                if main:
-                    ck.prune_checkpoints(ckpt_dir, cfg.keep_last)
-                t_log = time.perf_counter()
+            if (done % cfg.eval_every == 0 or done == cfg.steps) and run.source.eval_loader is not None:
+                metrics = _evaluate(run, done)
+            late = bool(cfg.checkpoint_minutes) and time.perf_counter() - run.t_ckpt >= 60 * cfg.checkpoint_minutes
+            stop_now, late = agree(stop, late, ctx, run.rt.device) if done < cfg.steps else (False, False)
+            regular = cfg.checkpoint_every > 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
+            if regular or late or stop_now:
+                run.last_good = run.save(done, metrics) or run.last_good
+                if ctx.is_main:
+                    ck.prune_checkpoints(run.out / "checkpoints", cfg.keep_last)
+                run.window.t = time.perf_counter()
             if bar is not None:
                 bar.update(1)
             if stop_now:
-                if not saved_now:
-                    last_good = save(done, metrics) or last_good
-                    if main:
-                        ck.prune_checkpoints(ckpt_dir, cfg.keep_last)
                 ctx.barrier()
-                raise StoppedBySignal(stop.signum or 15, done, last_good, out)
+                raise StoppedBySignal(stop.signum or 15, done, run.last_good, run.out)
             yield done
     finally:
         if bar is not None:
             bar.close()
-        if log is not None:
-            log.close()
-        source.close()
-    result = TrainResult(out, cfg.steps, {k: v for k, v in final.items() if k not in ("split",)}, best,
-                         last_train.get("error"), last_train.get("loss"), time.perf_counter() - t_start)
-    if main:
-        (out / "summary.json").write_text(json.dumps({"model": cfg.model, "steps": cfg.steps, "final": result.final,
-                                                      "best": best, "train_error": result.train_error,
-                                                      "train_loss": result.train_loss, "seconds": result.seconds,
-                                                      "runtime": rt.describe(), "world_size": ctx.world_size,
-                                                      "skipped_steps": skipped}, indent=1) + "\n")
-    ctx.barrier()   # rank 0's last checkpoint is complete before any rank returns
+        if run.log is not None:
+            run.log.close()
+        run.source.close()
+    return _finish(run)
+
+
+def _warmup_test(run: Run, done: int, wrong: torch.Tensor, batch: int) -> None:
+    """Sec. 4.2: ResNet-110 trains at lr 0.01 "until the training error is below 80%" (here: the mean over the
+    last 20 batches), then at the recipe's lr. Under torchrun the test sees the global batch, so all ranks
+    switch together."""
+    if run.ctx.enabled:
+        w = run.ctx.all_reduce_sum(wrong.double().reshape(1)).item()
+        run.recent_wrong.append(w / (batch * run.ctx.world_size))
+    else:
+        run.recent_wrong.append(wrong.item() / batch)
+    r = run.recent_wrong
+    if len(r) == r.maxlen and sum(r) / len(r) < run.cfg.warmup_until_error or done >= run.cfg.warmup_max_steps:
+        run.warming = False
+        run.emit({"step": done, "split": "event", "event": f"warm-up done at step {done}"})
+
+
+def _log_train(run: Run, done: int, lr: float, batch: int, bar) -> None:
+    w = run.window
+    loss_mean, wrong_all, seen_all = w.totals(run.ctx, batch)
+    if not math.isfinite(loss_mean):    # on_nan="stop"
+        raise NonFiniteLossError(
+            f"the training loss became {loss_mean} between steps {done - w.seen // batch} and {done}; stopped. "
+            f"The last good checkpoint is {run.last_good or 'none (none was written yet)'}. "
+            "Lower --lr, or pass --on-nan skip to skip such steps.")
+    if run.rt.is_cuda:   # this run's stream only: runs side by side have streams of their own
+        torch.cuda.current_stream(run.rt.device).synchronize()
+    dt = time.perf_counter() - w.t
+    run.last_train = {"step": done, "split": "train", "loss": loss_mean, "error": 100.0 * wrong_all / seen_all,
+                      "lr": lr, "img_per_s": seen_all / dt, "elapsed_s": time.perf_counter() - run.t_start}
+    run.emit(run.last_train)
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss_mean:.3f}", err=f"{run.last_train['error']:.1f}%", img_s=f"{seen_all / dt:.0f}")
+    w.reset()
+
+
+def _evaluate(run: Run, done: int) -> dict[str, float]:
+    run.ctx.broadcast_buffers(run.model)   # rank 0's BN statistics everywhere: the ones its checkpoint holds
+    metrics = evaluate_model(run.model, run.source.eval_loader, run.rt,
+                             reduce=run.ctx.all_reduce_sum if run.source.sharded_eval else None)
+    run.final = {"step": done, "split": run.source.eval_name, **metrics,
+                 "elapsed_s": time.perf_counter() - run.t_start}
+    run.emit(run.final)
+    if run.best is None or metrics["error"] < run.best["error"]:
+        run.best = {"step": done, **metrics}
+        if run.cfg.checkpoint_every > 0:
+            run.save(done, metrics, run.out / "checkpoints" / "best")
+    run.window.t = time.perf_counter()
+    return metrics
+
+
+def _finish(run: Run) -> TrainResult:
+    result = TrainResult(run.out, run.cfg.steps, {k: v for k, v in run.final.items() if k != "split"}, run.best,
+                         run.last_train.get("error"), run.last_train.get("loss"), time.perf_counter() - run.t_start)
+    if run.ctx.is_main:
+        (run.out / "summary.json").write_text(json.dumps({
+            "model": run.cfg.model, "steps": run.cfg.steps, "final": result.final, "best": run.best,
+            "train_error": result.train_error, "train_loss": result.train_loss, "seconds": result.seconds,
+            "runtime": run.rt.describe(), "world_size": run.ctx.world_size,
+            "skipped_steps": run.window.skipped}, indent=1) + "\n")
+    run.ctx.barrier()   # rank 0's last checkpoint is complete before any rank returns
     return result
-
-
-def _agree(stop: GracefulStop | None, late: bool, ctx: ddp.DistContext, rt: Runtime) -> tuple[bool, bool]:
-    """(stop after this step, write a time-based checkpoint now). Under torchrun every rank must take the same
-    decisions at the same step: one small all-reduce per step, with rank 0's clock deciding the checkpoint."""
-    signalled = stop is not None and stop.signum is not None
-    if not ctx.enabled:
-        return signalled, late
-    flags = torch.tensor([float(signalled), float(late and ctx.is_main)],
-                         device=rt.device if ctx.backend == "nccl" else "cpu")
-    ctx.all_reduce_sum(flags)
-    stop_now, late = flags[0].item() > 0, flags[1].item() > 0
-    if stop_now and not signalled:
-        stop.signum = 15          # another rank got the signal first
-    return stop_now, late
-
-
-def _with(cfg: TrainConfig, **changes: Any) -> TrainConfig:
-    import dataclasses
-    return dataclasses.replace(cfg, **changes)

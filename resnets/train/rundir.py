@@ -23,6 +23,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from . import checkpoint as ck
+
 LOCK = ".lock"
 # What defines a run: resuming with any of these changed would continue another run's weights under this name.
 # The rest (steps, epochs, milestones, lr schedule, evaluation/log/checkpoint cadence, threads...) may change.
@@ -172,3 +176,73 @@ class StoppedBySignal(Exception):
         if not self.also:
             lines.append(f"Resume with: resnets train --config {out / 'config.json'} --resume auto")
         super().__init__("\n".join(lines))
+
+
+def own_run_dir(cfg, ctx) -> RunLock | None:
+    """Take ``cfg.out``'s lock and check a fresh run does not mix with an old one; every rank raises the same
+    RunDirError if rank 0 could not. Nothing is written to ``cfg.out`` before this succeeds."""
+    lock, error = None, None
+    if ctx.is_main:
+        try:
+            lock = RunLock(cfg.out).__enter__()
+            if cfg.resume is None:
+                moved = check_fresh_start(Path(cfg.out), cfg.overwrite)
+                if moved:
+                    print(moved, flush=True)
+        except RunDirError as e:
+            if lock is not None:
+                lock.__exit__(None, None, None)
+                lock = None
+            error = str(e)
+    if ctx.enabled:
+        error = ctx.broadcast_object(error)
+    if error is not None:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+        raise RunDirError(error)
+    return lock
+
+
+def load_resume(cfg, ctx) -> ck.Checkpoint | None:
+    """The checkpoint ``cfg.resume`` names (rank 0 chooses for all ranks), checked against this run."""
+    path = find_resume(cfg)
+    if ctx.enabled:   # every rank loads the checkpoint rank 0 chose (--out must be visible to all ranks)
+        chosen = ctx.broadcast_object(str(path) if path is not None else None)
+        path = Path(chosen) if chosen is not None else None
+    if path is None:
+        return None
+    resume = ck.load_checkpoint(path)
+    if resume.state is None:
+        raise ck.CheckpointError(f"{resume.path}: holds weights but no training state ({ck.STATE}); cannot resume")
+    if resume.model_name != cfg.model:
+        raise ck.CheckpointError(f"{resume.path}: is a checkpoint of {resume.model_name}, "
+                                 f"but this run trains {cfg.model}")
+    check_resume_config(resume.meta.get("config"), cfg.to_dict(), str(resume.path))
+    return resume
+
+
+def find_resume(cfg) -> Path | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        found = ck.list_checkpoints(Path(cfg.out) / "checkpoints")
+        return found[-1] if found else None
+    p = Path(cfg.resume)
+    if not p.exists():
+        raise ValueError(f"--resume {p}: no such checkpoint")
+    return p
+
+
+def agree(stop: GracefulStop | None, late: bool, ctx, device: torch.device) -> tuple[bool, bool]:
+    """(stop after this step, write a time-based checkpoint now). Under torchrun every rank must take the same
+    decisions at the same step: one small all-reduce per step, with rank 0's clock deciding the checkpoint."""
+    signalled = stop is not None and stop.signum is not None
+    if not ctx.enabled:
+        return signalled, late
+    flags = torch.tensor([float(signalled), float(late and ctx.is_main)],
+                         device=device if ctx.backend == "nccl" else "cpu")
+    ctx.all_reduce_sum(flags)
+    stop_now, late = flags[0].item() > 0, flags[1].item() > 0
+    if stop_now and not signalled:
+        stop.signum = 15          # another rank got the signal first
+    return stop_now, late
