@@ -7,7 +7,7 @@
     resnets evaluate --checkpoint PATH --data DIR [--ten-crop | --multi-scale]    (ImageFolder checkpoints)
     resnets reproduce cifar10 [--preset demo|paper] [--depths 20,32,44,56] [--seeds N] [--out DIR]
     resnets analyze responses --checkpoint PLAIN --checkpoint RESNET [--data DIR] [--out fig7.png]
-    resnets export --checkpoint PATH --format onnx|torchscript --out FILE [--opset N] [--dynamic-batch]
+    resnets export --checkpoint PATH --format onnx|torchscript --out FILE [--opset N] [--static-batch]
     resnets predict --checkpoint PATH IMAGE... [--top-k 5] [--json]
 """
 from __future__ import annotations
@@ -221,9 +221,11 @@ def cmd_analyze_responses(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export
 
+    if args.batch_size is not None and not args.static_batch:
+        raise ValueError("--batch-size fixes the batch of the exported model: give it with --static-batch")
     res = export(args.checkpoint, model=args.model, weights=args.weights, fmt=args.format, out=args.out,
-                 opset=args.opset, dynamic_batch=args.dynamic_batch, image_size=args.image_size,
-                 tolerance=args.tolerance, verify=not args.no_verify)
+                 opset=args.opset, dynamic_batch=not args.static_batch, batch_size=args.batch_size or 1,
+                 image_size=args.image_size, tolerance=args.tolerance, verify=not args.no_verify)
     print(res.summary(), file=sys.stdout if res.ok else sys.stderr)
     return 0 if res.ok else 1
 
@@ -300,11 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="ONNX or TorchScript file of a network, checked against PyTorch")
     x.add_argument("--checkpoint", help="checkpoint directory, model.safetensors, or a torchvision .pth state_dict")
     x.add_argument("--model", help="a name from `resnets models` (without --checkpoint: random or --weights)")
-    x.add_argument("--weights", help="with --model: 'torchvision', 'torchvision:IMAGENET1K_V1', or a weights file")
+    x.add_argument("--weights", help="with --model: shipped weights (e.g. cifar10), 'torchvision', "
+                   "'torchvision:IMAGENET1K_V1', or a weights file")
     x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     x.add_argument("--out", required=True, help="file to write")
     x.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
-    x.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: fixed batch of 1)")
+    xb = x.add_mutually_exclusive_group()
+    xb.add_argument("--static-batch", action="store_true",
+                    help="ONNX: fix the batch to --batch-size (default: any batch size)")
+    # the default since the batch became dynamic; still accepted so that existing scripts keep working
+    xb.add_argument("--dynamic-batch", action="store_true", help=argparse.SUPPRESS)
+    x.add_argument("--batch-size", type=int, help="with --static-batch: the batch of the exported model (1)")
     x.add_argument("--image-size", type=int, help="input resolution (default: the training one, 32 or 224)")
     x.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |exported - PyTorch| (1e-4)")
     x.add_argument("--no-verify", action="store_true", help="do not run the exported file")

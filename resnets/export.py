@@ -1,18 +1,29 @@
 """Ship a trained network: ONNX or TorchScript export, checked against PyTorch on random inputs.
 
     resnets export --checkpoint runs/resnet56/checkpoints/step-00064000 --format onnx --out resnet56.onnx
-    resnets export --model resnet50 --weights torchvision --format torchscript --out resnet50.pt --dynamic-batch
+    resnets export --model resnet50 --weights torchvision --format torchscript --out resnet50.pt
+    resnets export --checkpoint CKPT --out resnet56-b8.onnx --static-batch --batch-size 8
 
-The exported file is run (onnxruntime for ONNX, ``torch.jit.load`` for TorchScript) on random inputs of the
-training resolution (32 px for the CIFAR nets of Section 4.2, 224 px for the ImageNet nets of Section 3.4) and the
+The batch axis is dynamic (any batch size) unless ``--static-batch`` fixes it to ``--batch-size``; a traced
+TorchScript module takes any batch size either way. The exported file is run (onnxruntime for ONNX,
+``torch.jit.load`` for TorchScript) on random inputs of the training resolution (32 px for the CIFAR nets of
+Section 4.2, 224 px for the ImageNet nets of Section 3.4) at batches 1, 2 and 3 (or the fixed batch), and the
 largest absolute difference of its logits to PyTorch's is reported; above the tolerance (1e-4) the export counts
 as failed. The network is exported in eval mode (BN uses its running statistics) and without preprocessing: the
 input is the normalised image, as produced by the checkpoint's ``Normalizer`` (see ``resnets.predict``).
+
+So that a client can classify images with the file alone, what it needs besides the network goes into the ONNX
+model's ``metadata_props`` (onnxruntime: ``session.get_modelmeta().custom_metadata_map``), each value a JSON
+string: ``classes`` (names in output order), ``preprocess`` (resize, then ``x = (pixels * pixel_scale - mean) /
+std`` with its statistics), ``input`` and ``output`` (names, NCHW float32 layout, shapes), ``model``,
+``model_kwargs``, ``dataset``, ``weights`` and ``resnets_version``. TorchScript files carry the same as one JSON
+object in the extra file ``resnets.json``. :func:`read_metadata` reads either.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -22,11 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import create_model, from_torchvision, get_spec
+from .models import create_model, from_torchvision, get_spec, pretrained
 from .train import checkpoint as ck
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4
+TORCHSCRIPT_METADATA = "resnets.json"
 
 
 class ExportError(RuntimeError):
@@ -43,6 +55,8 @@ class ExportResult:
     tolerance: float
     checked_batches: list[int] = field(default_factory=list)
     max_abs_logit: float | None = None  # the scale the difference is measured against
+    dynamic_batch: bool = True
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -50,12 +64,33 @@ class ExportResult:
 
     def summary(self) -> str:
         runner = "onnxruntime" if self.format == "onnx" else "torch.jit.load"
-        text = f"wrote {self.path} ({self.format} via {self.exporter}, input {list(self.input_shape)})"
+        batch = "batch" if self.dynamic_batch else str(self.input_shape[0])
+        shape = ", ".join([batch, *map(str, self.input_shape[1:])])
+        text = f"wrote {self.path} ({self.format} via {self.exporter}, input [{shape}])"
+        classes, pre = self.metadata.get("classes"), self.metadata.get("preprocess")
+        known = [f"{len(classes)} class names" if classes else "", f"preprocessing ({pre['mode']})" if pre else ""]
+        known = [k for k in known if k]
+        text += (f"; metadata: {' and '.join(known)}" if known else
+                 "; no class names or preprocessing stored (the source has none)")
         if self.max_abs_diff is None:
             return text + "; not verified"
         verdict = "ok" if self.ok else f"FAILED: above the tolerance {self.tolerance:g}"
         return (text + f"; max |{runner} - PyTorch| = {self.max_abs_diff:.3g} over batches of "
                 f"{', '.join(map(str, self.checked_batches))} (logits up to {self.max_abs_logit:.3g}): {verdict}")
+
+
+@dataclass
+class ExportSource:
+    """The network to export and what a client needs besides it to classify images."""
+
+    net: nn.Module
+    image_size: int | tuple[int, int]
+    classes: list[str] | None = None
+    preprocess: dict[str, Any] | None = None   # as a checkpoint stores it: Normalizer.state_dict()
+    center_crop: bool = False                  # else the whole image is resized to the input size
+    resize_shorter: int | None = None          # with center_crop; None: 256/224 of the crop, as resnets.predict
+    dataset: str | None = None
+    weights: str | None = None
 
 
 def image_size_for(model_name: str | None, preprocess: dict[str, Any] | None = None) -> int | tuple[int, int]:
@@ -70,11 +105,37 @@ def image_size_for(model_name: str | None, preprocess: dict[str, Any] | None = N
         return 224
 
 
-def load_for_export(checkpoint: str | os.PathLike | None = None, model: str | None = None,
-                    weights: str | None = None) -> tuple[nn.Module, int | tuple[int, int]]:
-    """The network to export and its input resolution: from a checkpoint (a resnets checkpoint, or a bare
-    torchvision state_dict file, read with weights_only=True), or from a model name with random or published
-    weights (``weights``: None, "torchvision", "torchvision:TAG" or a file path)."""
+def _is_imagenet_family(model_name: str | None) -> bool:
+    try:
+        return get_spec(model_name).family == "imagenet" if model_name else True
+    except ValueError:
+        return True
+
+
+def _from_checkpoint(c: ck.Checkpoint, net: nn.Module) -> ExportSource:
+    # the same resolution and resizing as resnets.predict.Predictor, so the file classifies as `resnets predict`
+    size = c.meta.get("config", {}).get("crop") if c.meta.get("dataset") == "imagefolder" else None
+    name = getattr(net, "model_name", None)
+    return ExportSource(net, size or image_size_for(name, c.preprocess), c.classes, c.preprocess or None,
+                        _is_imagenet_family(name), dataset=c.meta.get("dataset"))
+
+
+def _torchvision_source(net: nn.Module, model: str, weights: str) -> ExportSource:
+    from torchvision.models import get_model_weights
+
+    entry = get_model_weights(model)[weights.split(":", 1)[1] if ":" in weights else "DEFAULT"]
+    t = entry.transforms()
+    preprocess = {"mode": "channel", "mean": torch.tensor(t.mean, dtype=torch.float64),
+                  "std": torch.tensor(t.std, dtype=torch.float64)}
+    return ExportSource(net, t.crop_size[0], list(entry.meta["categories"]), preprocess, True, t.resize_size[0],
+                        "imagenet", f"torchvision:{entry.name}")
+
+
+def load_source(checkpoint: str | os.PathLike | None = None, model: str | None = None,
+                weights: str | None = None) -> ExportSource:
+    """The network to export with its class names and preprocessing: from a checkpoint (a resnets checkpoint, or a
+    bare torchvision state_dict file, read with weights_only=True), or from a model name with random or published
+    weights (``weights``: None, "torchvision", "torchvision:TAG", a shipped tag such as "cifar10", or a file)."""
     if checkpoint is not None:
         if weights is not None:
             raise ValueError("give --weights with --model, not with --checkpoint")
@@ -87,11 +148,111 @@ def load_for_export(checkpoint: str | os.PathLike | None = None, model: str | No
             except ValueError as e:
                 raise ck.CheckpointError(f"{c.path}: the checkpoint does not say which model it holds and is not "
                                          f"a torchvision ResNet state_dict ({e}); pass --model NAME") from None
-        return net, image_size_for(getattr(net, "model_name", None), c.preprocess)
-    if model is None:
+        src = _from_checkpoint(c, net)
+    elif model is None:
         raise ValueError("give --checkpoint PATH or --model NAME")
-    net = create_model(model, weights=weights)
-    return net, image_size_for(model)
+    else:
+        net = create_model(model, weights=weights)
+        if isinstance(weights, str) and weights.split(":", 1)[0] == "torchvision":
+            src = _torchvision_source(net, model, weights)
+        elif pretrained.is_pretrained_tag(weights):  # the shipped file is a checkpoint: classes, per-pixel mean
+            src = _from_checkpoint(ck.load_checkpoint(pretrained.checked_path(model, weights), with_state=False), net)
+        else:
+            src = ExportSource(net, image_size_for(model), center_crop=_is_imagenet_family(model))
+        src.weights = src.weights or (None if weights is None else str(weights))
+    n_out = src.net.fc.out_features if isinstance(getattr(src.net, "fc", None), nn.Linear) else None
+    if src.classes and n_out is not None and n_out != len(src.classes):
+        raise ck.CheckpointError(f"{checkpoint or model}: {len(src.classes)} class names for a network with "
+                                 f"{n_out} outputs")
+    return src
+
+
+def load_for_export(checkpoint: str | os.PathLike | None = None, model: str | None = None,
+                    weights: str | None = None) -> tuple[nn.Module, int | tuple[int, int]]:
+    """The network to export and its input resolution (see :func:`load_source`)."""
+    src = load_source(checkpoint, model, weights)
+    return src.net, src.image_size
+
+
+def preprocess_metadata(preprocess: dict[str, Any], size: tuple[int, int], center_crop: bool,
+                        resize_shorter: int | None = None) -> dict[str, Any]:
+    """The checkpoint's preprocessing as plain JSON a client can apply without resnets: resize, then
+    ``x = (pixels * pixel_scale - mean) / std``. Per-channel statistics are stored with shape (C, 1, 1), so mean and
+    std broadcast against the (C, H, W) image whatever the mode."""
+    mode = preprocess.get("mode")
+    if mode not in ("pixel-mean", "channel", "subtract-mean-255"):
+        raise ExportError(f"unknown preprocessing mode {mode!r} in the checkpoint")
+
+    def channelwise(v: Any) -> Any:
+        t = torch.as_tensor(v, dtype=torch.float64)
+        return (t[:, None, None] if t.dim() == 1 else t).tolist()
+
+    h, w = size
+    mean = torch.as_tensor(preprocess["mean"])
+    if mean.dim() == 3 and tuple(mean.shape[1:]) != (h, w):
+        raise ValueError(f"the per-pixel mean image is {mean.shape[1]}x{mean.shape[2]}, so the input must be that "
+                         f"size, not {h}x{w} (drop --image-size)")
+    out: dict[str, Any] = {
+        "mode": mode,
+        "size": [h, w],
+        "pixel_scale": 1.0 if mode == "subtract-mean-255" else 1.0 / 255.0,
+        "mean": channelwise(preprocess["mean"]),
+        "std": channelwise(preprocess["std"]) if preprocess.get("std") is not None else None,
+        "formula": "x = (pixels * pixel_scale - mean) / std: pixels is the resized RGB image as (C, H, W) floats "
+                   "0..255; mean and std broadcast against it; std null means 1",
+        "interpolation": "bilinear",
+    }
+    if center_crop:
+        out["resize"] = "shorter-side-then-center-crop"
+        out["resize_shorter_side"] = resize_shorter or round(256 / 224 * max(h, w))
+    else:
+        out["resize"] = "stretch-to-size"
+    return out
+
+
+def export_metadata(src: ExportSource, shape: tuple[int, int, int, int], num_outputs: int,
+                    dynamic_batch: bool) -> dict[str, Any]:
+    """What goes into the exported file besides the network (values: plain JSON types)."""
+    from . import __version__
+
+    batch: Any = "batch" if dynamic_batch else shape[0]
+    meta: dict[str, Any] = {
+        "model": getattr(src.net, "model_name", None),
+        "model_kwargs": dict(getattr(src.net, "model_kwargs", {}) or {}),
+        "resnets_version": __version__,
+        "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "shape": [batch, *shape[1:]],
+                  "channels": "RGB", "values": "the preprocessed image (see preprocess), not raw pixels"},
+        "output": {"name": "logits", "dtype": "float32", "shape": [batch, num_outputs],
+                   "values": "logits in the order of classes; softmax gives probabilities"},
+    }
+    if src.classes:
+        meta["classes"] = list(src.classes)
+    if src.preprocess:
+        meta["preprocess"] = preprocess_metadata(src.preprocess, shape[2:], src.center_crop, src.resize_shorter)
+    if src.dataset:
+        meta["dataset"] = src.dataset
+    if src.weights:
+        meta["weights"] = src.weights
+    return meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata :func:`export` stored in an ONNX or TorchScript file, JSON-decoded."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnx
+        proto = onnx.load(str(path), load_external_data=False)
+        out = {}
+        for p in proto.metadata_props:
+            try:
+                out[p.key] = json.loads(p.value)
+            except json.JSONDecodeError:   # another tool's entry
+                out[p.key] = p.value
+        return out
+    extra = {TORCHSCRIPT_METADATA: ""}
+    with _quiet():
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return json.loads(extra[TORCHSCRIPT_METADATA]) if extra[TORCHSCRIPT_METADATA] else {}
 
 
 @contextlib.contextmanager
@@ -128,12 +289,22 @@ def _export_onnx(model: nn.Module, x: torch.Tensor, out: Path, opset: int | None
         return f"torch.onnx (legacy TorchScript-based; the dynamo exporter failed: {first[:200]})"
 
 
-def _export_torchscript(model: nn.Module, x: torch.Tensor, out: Path) -> str:
+def _write_onnx_metadata(path: Path, meta: dict[str, Any]) -> None:
+    import onnx
+    from onnx.helper import set_model_props
+
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    set_model_props(proto, {**props, **{k: json.dumps(v) for k, v in meta.items()}})
+    onnx.save(proto, str(path))
+
+
+def _export_torchscript(model: nn.Module, x: torch.Tensor, out: Path, meta: dict[str, Any]) -> str:
     # Traced rather than scripted: the nets are static convolution stacks, and tracing needs no TorchScript
     # annotations in the model code. A traced conv net accepts any batch size (and any image size).
     with _quiet(), torch.no_grad():
         traced = torch.jit.trace(model, x, check_trace=False)
-        torch.jit.save(traced, str(out))
+        torch.jit.save(traced, str(out), _extra_files={TORCHSCRIPT_METADATA: json.dumps(meta)})
     return "torch.jit.trace"
 
 
@@ -167,7 +338,11 @@ def verify_export(model: nn.Module, path: str | os.PathLike, fmt: str, shape: tu
     for b in batches:
         x = torch.randn(b, *shape[1:], generator=g)
         ref = model(x)
-        got = run(x)
+        try:
+            got = run(x)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types, e.g. for a batch it cannot take
+            raise ExportError(f"{path}: the exported model fails on an input of shape {tuple(x.shape)}: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         if got.shape != ref.shape:
             raise ExportError(f"{path}: the exported model returns shape {tuple(got.shape)} for input "
                                f"{tuple(x.shape)}, PyTorch {tuple(ref.shape)}")
@@ -176,38 +351,66 @@ def verify_export(model: nn.Module, path: str | os.PathLike, fmt: str, shape: tu
     return worst, scale
 
 
-def export_model(model: nn.Module, out: str | os.PathLike, fmt: str = "onnx", *,
-                 image_size: int | tuple[int, int] = 224, batch_size: int = 1, opset: int | None = None,
-                 dynamic_batch: bool = False, verify: bool = True, tolerance: float = TOLERANCE) -> ExportResult:
-    """Export ``model`` (on CPU, fp32, eval mode) to ONNX or TorchScript and check the file against PyTorch."""
+def _check_out(out: Path, fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    in_ch = getattr(model, "in_channels", 3)
-    model = model.to("cpu", torch.float32).eval()
+    if out.is_dir():
+        raise ExportError(f"{out} is a directory; give the path of the file to write")
+    if not out.parent.is_dir():
+        raise ExportError(f"{out}: the directory {out.parent} does not exist; create it first")
+
+
+def export_model(model: nn.Module | ExportSource, out: str | os.PathLike, fmt: str = "onnx", *,
+                 image_size: int | tuple[int, int] | None = None, batch_size: int = 1, opset: int | None = None,
+                 dynamic_batch: bool = True, verify: bool = True, tolerance: float = TOLERANCE) -> ExportResult:
+    """Export ``model`` (on CPU, fp32, eval mode) to ONNX or TorchScript, with its metadata, and check the file
+    against PyTorch. A bare network gets no class names or preprocessing; an :class:`ExportSource` brings them.
+    The file appears only once it is complete: on an error nothing is left at ``out``."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_out(out, fmt)
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    if fmt == "torchscript" and not dynamic_batch:
+        raise ValueError("a traced TorchScript module takes any batch size; a static batch applies to ONNX only")
+    src = model if isinstance(model, ExportSource) else \
+        ExportSource(model, image_size_for(getattr(model, "model_name", None)))
+    size = image_size or src.image_size
+    h, w = (size, size) if isinstance(size, int) else size
+    net = src.net.to("cpu", torch.float32).eval()
     # A dynamic batch dimension must not be traced with batch 1 (torch.export would specialise it to 1).
     example_batch = max(batch_size, 2) if dynamic_batch else batch_size
-    shape = (example_batch, in_ch, h, w)
+    shape = (example_batch, getattr(net, "in_channels", 3), h, w)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    if fmt == "onnx":
-        exporter = _export_onnx(model, x, out, opset, dynamic_batch)
-    else:
-        exporter = _export_torchscript(model, x, out)
-    result = ExportResult(out, fmt, exporter, shape, None, tolerance)
-    if verify:
-        batches = sorted({example_batch, 3}) if dynamic_batch else [example_batch]
-        result.max_abs_diff, result.max_abs_logit = verify_export(model, out, fmt, shape, batches)
-        result.checked_batches = batches
+    with torch.no_grad():
+        num_outputs = int(net(x[:1]).shape[1])
+    meta = export_metadata(src, shape, num_outputs, dynamic_batch)
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
+    try:
+        if fmt == "onnx":
+            exporter = _export_onnx(net, x, tmp, opset, dynamic_batch)
+            _write_onnx_metadata(tmp, meta)
+        else:
+            exporter = _export_torchscript(net, x, tmp, meta)
+        result = ExportResult(out, fmt, exporter, shape, None, tolerance, dynamic_batch=dynamic_batch,
+                              metadata=meta)
+        if verify:
+            batches = sorted({1, example_batch, 3}) if dynamic_batch else [example_batch]
+            result.max_abs_diff, result.max_abs_logit = verify_export(net, tmp, fmt, shape, batches)
+            result.checked_batches = batches
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return result
 
 
 def export(checkpoint: str | os.PathLike | None = None, *, model: str | None = None, weights: str | None = None,
-           fmt: str = "onnx", out: str | os.PathLike, opset: int | None = None, dynamic_batch: bool = False,
+           fmt: str = "onnx", out: str | os.PathLike, opset: int | None = None, dynamic_batch: bool = True,
            image_size: int | None = None, batch_size: int = 1, tolerance: float = TOLERANCE,
            verify: bool = True) -> ExportResult:
-    """``resnets export``: build the network from a checkpoint (or a name), export it, check the file."""
-    net, size = load_for_export(checkpoint, model, weights)
-    return export_model(net, out, fmt, image_size=image_size or size, batch_size=batch_size, opset=opset,
+    """``resnets export``: build the network from a checkpoint (or a name), export it with its class names and
+    preprocessing, check the file."""
+    _check_out(Path(out), fmt)   # before the (slow) model load
+    src = load_source(checkpoint, model, weights)
+    return export_model(src, out, fmt, image_size=image_size, batch_size=batch_size, opset=opset,
                         dynamic_batch=dynamic_batch, verify=verify, tolerance=tolerance)
