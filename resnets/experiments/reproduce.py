@@ -82,7 +82,7 @@ def _finished(out: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     s, c = out / "summary.json", out / "config.json"
     if not (s.exists() and c.exists()):
         return None
-    old = json.loads(c.read_text())
+    old = TrainConfig.from_dict(json.loads(c.read_text())).to_dict()   # (older runs' spellings read as today's)
     new = cfg.to_dict()
     ignore = {"resume", "progress", "threads", "data"}
     if {k: v for k, v in old.items() if k not in ignore} != {k: v for k, v in new.items() if k not in ignore}:
