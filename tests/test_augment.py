@@ -214,19 +214,13 @@ def test_loader_eval_covers_all_once_without_augmentation():
     assert len(list(loader)) == 4  # iterable again
 
 
-def test_loader_no_augment_out_buffers_and_channels_last():
+def test_loader_no_augment_and_channels_last():
     images, labels, norm = _data(32)
     loader = DeviceLoader(images, labels, 8, "cpu", train=True, normalizer=norm, augment=False, channels_last=True,
                           dtype=torch.float64)
     x, y = loader.batch(3)
     assert x.dtype == torch.float64 and x.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(x, norm(images[y], dtype=torch.float64))
-    xb = torch.empty(8, 3, 8, 8, dtype=torch.float64)
-    yb = torch.empty(8, dtype=torch.int64)
-    rx, ry = loader.batch(3, out=(xb, yb))
-    assert rx is xb and ry is yb and torch.equal(xb, x) and torch.equal(yb, y)
-    with pytest.raises(ValueError):
-        loader.batch(0, out=(torch.empty(4, 3, 8, 8, dtype=torch.float64), yb))
 
 
 def test_loader_rejects_bad_input():

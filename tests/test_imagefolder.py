@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import functional as F
 
 from resnets.data.imagefolder import (
     IMAGENET_MEAN_255,
+    IMAGENET_STD_255,
     IMAGENET_PCA_EIGVAL,
     IMAGENET_PCA_EIGVEC,
     BadImageError,
@@ -25,9 +26,8 @@ from resnets.data.imagefolder import (
     ImageFolderDataset,
     PCALighting,
     RandomShortSideResize,
-    SubtractMean,
-    decode_batch_on_gpu,
     decode_image_bytes,
+    imagenet_normalizer,
     make_loader,
     multiscale_predict,
     paper_train_transform,
@@ -36,6 +36,7 @@ from resnets.data.imagefolder import (
     ten_crop_views,
     write_random_imagefolder,
 )
+from resnets.data.normalize import Normalizer
 
 # torchvision 0.29 deprecates its image decoders (DeprecationWarning on every decode); not our concern here.
 pytestmark = pytest.mark.filterwarnings(
@@ -216,22 +217,6 @@ def test_decode_bytes_and_bad_inputs():
             decode_image_bytes(data, "some/file.png")
 
 
-def test_raw_bytes_path_and_cpu_decode_batch(folder):
-    root, bad = folder
-    ds = ImageFolderDataset(root, decode=False)
-    raw, y = next(iter(make_loader(ds, 3, train=False, num_workers=0)))
-    assert isinstance(raw, list) and all(t.dtype == torch.uint8 and t.dim() == 1 for t in raw)
-    assert y.tolist() == ds.targets[:3]
-    ref = ImageFolderDataset(root)
-    out = decode_batch_on_gpu(raw, device="cpu")
-    assert all(torch.equal(a, ref.load(i)) for i, a in enumerate(out))
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
-            decode_batch_on_gpu(raw, device="cuda")
-    with pytest.raises(ValueError):
-        ImageFolderDataset(root, decode=False, transform=lambda x: x)
-
-
 def test_collate():
     c = ImageCollate()
     x, y = c([(torch.full((3, 2, 2), 7, dtype=torch.uint8), 1), (torch.zeros(3, 2, 2, dtype=torch.uint8), 0)])
@@ -311,15 +296,27 @@ def test_pca_lighting():
 
 def test_subtract_mean():
     x = torch.tensor(IMAGENET_MEAN_255).view(3, 1, 1).expand(3, 4, 5).round()
-    out = SubtractMean()(x.to(torch.uint8))
+    out = imagenet_normalizer()(x.to(torch.uint8))
     assert out.dtype == torch.float32
     assert torch.allclose(out, x - torch.tensor(IMAGENET_MEAN_255).view(3, 1, 1))
+    # float32 arithmetic, subtract then divide: what ImageFolder training has always computed (bit for bit)
+    img = torch.randint(0, 256, (2, 3, 4, 5)).float()
+    mean32, std32 = torch.tensor(IMAGENET_MEAN_255).view(3, 1, 1), torch.tensor(IMAGENET_STD_255).view(3, 1, 1)
+    assert torch.equal(imagenet_normalizer(divide_by_std=True)(img), (img - mean32) / std32)
+    # the preprocess dict of ImageFolder checkpoints reads back to the same normaliser
+    again = Normalizer.from_state_dict({"mode": "subtract-mean-255",
+                                        "mean": torch.tensor(IMAGENET_MEAN_255, dtype=torch.float64),
+                                        "std": torch.tensor(IMAGENET_STD_255, dtype=torch.float64)})
+    assert torch.equal(again(img), (img - mean32) / std32)
     pix = torch.rand(3, 4, 5) * 255
-    assert torch.allclose(SubtractMean(pix)(pix), torch.zeros(3, 4, 5))
-    assert torch.allclose(SubtractMean([1, 2, 3], [2, 2, 2])(torch.full((2, 3, 1, 1), 5.0)).flatten(),
-                          torch.tensor([2.0, 1.5, 1.0] * 2))
+    per_pixel = Normalizer("subtract-mean-255", mean=pix)
+    assert torch.allclose(per_pixel(pix), torch.zeros(3, 4, 5))
+    assert torch.allclose(Normalizer("subtract-mean-255", mean=[1, 2, 3], std=[2, 2, 2])(
+        torch.full((2, 3, 1, 1), 5.0)).flatten(), torch.tensor([2.0, 1.5, 1.0] * 2))
     with pytest.raises(ValueError, match="does not match"):
-        SubtractMean(pix)(torch.zeros(3, 6, 6))
+        per_pixel(torch.zeros(3, 6, 6))
+    with pytest.raises(ValueError, match="std must be positive"):
+        Normalizer("subtract-mean-255", mean=[1, 2, 3], std=[1, 0, 1])
 
 
 def test_paper_train_and_eval_transform_default_geometry():
@@ -394,7 +391,7 @@ def test_ten_crop_regions_and_average():
     assert torch.allclose(b8, b)
     # normalize hook and list of differently sized images
     n = ten_crop_predict(Recorder(), [img, _coord_image(50, 40)], crop=crop, resize=40, average="logits",
-                         normalize=SubtractMean([1.0, 2.0, 3.0]))
+                         normalize=Normalizer("subtract-mean-255", mean=[1.0, 2.0, 3.0]))
     assert n.shape == (2, 3) and torch.allclose(n[0], out - torch.tensor([1.0, 2.0, 3.0]))
     # resize then crop
     big = torch.rand(3, 80, 120)

@@ -195,6 +195,16 @@ def test_bad_input_errors():
         create_model("resnet20", depth=21)
     with pytest.raises(ValueError, match="unknown shortcut option 'D'"):
         create_model("resnet20", shortcut="D")
+    with pytest.raises(ValueError, match="unknown shortcut option 'D'"):
+        create_model("resnet50", shortcut="D")
+    with pytest.raises(ValueError, match="unknown stride_in '2x2'"):
+        create_model("resnet50", stride_in="2x2")
+    with pytest.raises(ValueError, match="bottleneck nets \\(depth >= 50\\) only"):
+        create_model("resnet18", stride_in="3x3")
+    with pytest.raises(ValueError, match="CIFAR ResNets use basic blocks"):
+        create_model("resnet20", stride_in="3x3")
+    with pytest.raises(ValueError, match="stride_in must be '3x3'"):
+        create_model("resnext29_8x64d", stride_in="1x1")
     with pytest.raises(ValueError, match="expects input \\(N, 3, H, W\\)"):
         create_model("resnet20")(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match="Table 1"):

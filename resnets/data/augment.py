@@ -2,7 +2,7 @@
 
 He et al. 2015, Sec. 4.2: "4 pixels are padded on each side, and a 32x32 crop is randomly sampled from the padded
 image or its horizontal flip"; inputs are normalised by subtracting the per-pixel mean (``Normalizer("pixel-mean")``)
-or, as is common today, by per-channel mean/std (``Normalizer("channel")``).
+or, as is common today, by per-channel mean/std (``Normalizer("channel")``; :mod:`resnets.data.normalize`).
 
 Usage::
 
@@ -26,14 +26,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from .normalize import Normalizer, _as_uint8_tensor
+
 __all__ = ["pad_crop_flip", "crop_flip", "Normalizer", "DeviceLoader"]
-
-
-def _as_uint8_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
-    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
-    if t.dtype != torch.uint8 or t.dim() != 4:
-        raise ValueError(f"expected uint8 images (N, C, H, W), got {t.dtype} {tuple(t.shape)}")
-    return t
 
 
 def pad_crop_flip(images: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None,
@@ -75,113 +70,6 @@ def crop_flip(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flips: t
     idx = (rows[:, :, None] * wp + cols[:, None, :]).reshape(b, 1, h * w)
     out = torch.gather(padded.reshape(b, c, -1), 2, idx.expand(b, c, h * w))
     return out.view(b, c, h, w)
-
-
-class Normalizer:
-    """uint8 NCHW images -> normalised float input.
-
-    ``mode="pixel-mean"`` (the paper): ``x/255 - mean_image`` with the (C, H, W) mean image of the training set.
-    ``mode="channel"``: ``(x/255 - mean_c) / std_c`` with per-channel statistics of the training set.
-    ``mode="subtract-mean-255"`` (ImageFolder runs, :class:`resnets.data.imagefolder.SubtractMean`): ``x - mean``,
-    or ``(x - mean) / std`` when a std is given, all in 0..255 pixel units; given directly, never computed.
-    Statistics come from ``train_images_uint8`` (N, C, H, W) or are given directly (``mean``/``std`` in [0, 1]
-    units: shape (C,) or (C, H, W) for the mean, (C,) for std).
-    """
-
-    MODES = ("pixel-mean", "channel", "subtract-mean-255")
-
-    def __init__(self, mode: str = "pixel-mean", train_images_uint8: torch.Tensor | np.ndarray | None = None, *,
-                 mean: torch.Tensor | Sequence[float] | np.ndarray | None = None,
-                 std: torch.Tensor | Sequence[float] | np.ndarray | None = None, chunk: int = 4096):
-        if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
-        self.mode = mode
-        if train_images_uint8 is not None:
-            if mode == "subtract-mean-255":
-                raise ValueError("mode='subtract-mean-255' takes mean (and std) directly, in 0..255 units")
-            if mean is not None or std is not None:
-                raise ValueError("give either train_images_uint8 or mean/std, not both")
-            mean, std = self._statistics(_as_uint8_tensor(train_images_uint8), mode, chunk)
-        elif mean is None or (mode == "channel" and std is None):
-            raise ValueError("Normalizer needs train_images_uint8, or mean (and std for mode='channel')")
-        self.mean = torch.as_tensor(np.asarray(mean) if not isinstance(mean, torch.Tensor) else mean,
-                                    dtype=torch.float64).detach().cpu()
-        self.std = None
-        if mode == "subtract-mean-255":
-            if std is not None:
-                self.std = torch.as_tensor(np.asarray(std) if not isinstance(std, torch.Tensor) else std,
-                                           dtype=torch.float64).detach().cpu()
-                if self.std.shape != (self.mean.shape[0],) or bool((self.std <= 0).any()):
-                    raise ValueError("std must be positive, one per channel")
-            if self.mean.dim() not in (1, 3):
-                raise ValueError("mode='subtract-mean-255' needs a mean of shape (C,) or (C, H, W)")
-        elif mode == "channel":
-            self.std = torch.as_tensor(np.asarray(std) if not isinstance(std, torch.Tensor) else std,
-                                       dtype=torch.float64).detach().cpu()
-            if self.mean.dim() != 1 or self.std.shape != self.mean.shape:
-                raise ValueError("mode='channel' needs mean and std of shape (C,)")
-            if bool((self.std <= 0).any()):
-                raise ValueError("std must be positive")
-        elif self.mean.dim() not in (1, 3):
-            raise ValueError("mode='pixel-mean' needs a mean of shape (C, H, W) (or (C,))")
-        self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @staticmethod
-    def _statistics(x: torch.Tensor, mode: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        n = x.shape[0]
-        if n == 0:
-            raise ValueError("cannot compute statistics of an empty image set")
-        if mode == "pixel-mean":
-            acc = torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)
-            for part in x.split(chunk):
-                acc += part.sum(0, dtype=torch.float64)
-            return (acc / (255.0 * n)).cpu(), None
-        c = x.shape[1]
-        s1 = torch.zeros(c, dtype=torch.float64, device=x.device)
-        s2 = torch.zeros(c, dtype=torch.float64, device=x.device)
-        for part in x.split(chunk):
-            p = part.to(torch.float64)
-            s1 += p.sum((0, 2, 3))
-            s2 += (p * p).sum((0, 2, 3))
-        count = n * x.shape[2] * x.shape[3]
-        mean = s1 / count
-        var = (s2 / count - mean * mean).clamp_min(0)
-        return (mean / 255.0).cpu(), (var.sqrt() / 255.0).cpu()
-
-    def _scale_shift(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (device, dtype)
-        if key not in self._cache:
-            mean = self.mean if self.mean.dim() == 3 else self.mean[:, None, None]
-            if self.mode == "pixel-mean":
-                scale = torch.full((1, 1, 1), 1.0 / 255.0, dtype=torch.float64)
-                shift = -mean
-            elif self.mode == "subtract-mean-255":
-                std = torch.ones(1, 1, 1, dtype=torch.float64) if self.std is None else self.std[:, None, None]
-                scale, shift = 1.0 / std, -mean / std
-            else:
-                std = self.std[:, None, None]
-                scale = 1.0 / (255.0 * std)
-                shift = -mean / std
-            self._cache[key] = (scale.to(device=device, dtype=dtype), shift.to(device=device, dtype=dtype))
-        return self._cache[key]
-
-    def __call__(self, images_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        scale, shift = self._scale_shift(images_uint8.device, dtype)
-        # x * scale + shift, in one fused op: pixel-mean -> x/255 - mean; channel -> (x/255 - mean)/std
-        return torch.addcmul(shift, images_uint8.to(dtype), scale)
-
-    def state_dict(self) -> dict[str, torch.Tensor | str]:
-        sd: dict[str, torch.Tensor | str] = {"mode": self.mode, "mean": self.mean.clone()}  # float64: exact
-        if self.std is not None:
-            sd["std"] = self.std.clone()
-        return sd
-
-    @classmethod
-    def from_state_dict(cls, state: dict) -> "Normalizer":
-        return cls(str(state["mode"]), mean=state["mean"], std=state.get("std"))
-
-    def __repr__(self) -> str:
-        return f"Normalizer(mode={self.mode!r}, mean shape={tuple(self.mean.shape)})"
 
 
 def _seed_for(*words: int) -> int:
@@ -261,13 +149,8 @@ class DeviceLoader:
         epoch, i = divmod(step, spe)
         return self.permutation(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
 
-    def batch(self, step: int, out: tuple[torch.Tensor, torch.Tensor] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, C, H, W) normalised to ``dtype`` and int64 labels (B,) of step ``step``.
-
-        ``out=(x_buf, y_buf)`` copies the batch into the given tensors (e.g. the static inputs of a captured CUDA
-        graph) and returns them.
-        """
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) normalised to ``dtype`` and int64 labels (B,) of step ``step``."""
         idx = self.indices(step)
         if isinstance(idx, slice):
             x, y = self.images[idx], self.labels[idx]
@@ -279,14 +162,6 @@ class DeviceLoader:
         x = self.normalizer(x, self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if out is not None:
-            x_buf, y_buf = out
-            if x_buf.shape != x.shape or y_buf.shape != y.shape:
-                raise ValueError(f"out buffers {tuple(x_buf.shape)}/{tuple(y_buf.shape)} do not fit batch "
-                                 f"{tuple(x.shape)}/{tuple(y.shape)} (a partial batch? use drop_last=True)")
-            x_buf.copy_(x)
-            y_buf.copy_(y)
-            return x_buf, y_buf
         return x, y
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

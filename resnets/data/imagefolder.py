@@ -10,17 +10,17 @@ studies we adopt the standard 10-crop testing. For best results, we adopt the fu
 in {224, 256, 384, 480, 640})."
 
 Pixel units: everything here works in 0..255 pixel units (uint8 images, or float32 holding 0..255 values), as in
-the paper's Caffe pipeline; :class:`SubtractMean` returns ``x - mean`` (or ``(x - mean) / std``) in those units.
-(The CIFAR :class:`resnets.data.augment.Normalizer` works in [0, 1] units instead.)
+the paper's Caffe pipeline; the mean is subtracted by a ``Normalizer("subtract-mean-255")``
+(:func:`imagenet_normalizer`, :mod:`resnets.data.normalize`): ``x - mean`` (or ``(x - mean) / std``) in those units.
 
 Usage::
 
     from resnets.data.imagefolder import (ImageFolderDataset, paper_train_transform, standard_eval_transform,
-                                          make_loader, ten_crop_predict, SubtractMean)
+                                          make_loader, ten_crop_predict, imagenet_normalizer)
     train = ImageFolderDataset("imagenet/train", transform=paper_train_transform(), skip_bad_files=True)
     loader = make_loader(train, 256, train=True, num_workers=8)
     val = ImageFolderDataset("imagenet/val")                   # uint8 (3, H, W), any size
-    scores = ten_crop_predict(model, val[0][0], normalize=SubtractMean())
+    scores = ten_crop_predict(model, val[0][0], normalize=imagenet_normalizer())
 
 Only the standard library, torch, torchvision, numpy and Pillow are used (Pillow only to *write* test images).
 Note: torchvision 0.29 deprecates the torchvision.io image decoders (in favour of TorchCodec) and emits a
@@ -40,9 +40,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from .normalize import Normalizer
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -56,7 +58,7 @@ __all__ = [
     "ImageFolderDataset",
     "RandomShortSideResize",
     "PCALighting",
-    "SubtractMean",
+    "imagenet_normalizer",
     "paper_train_transform",
     "standard_eval_transform",
     "ten_crop_views",
@@ -64,7 +66,6 @@ __all__ = [
     "multiscale_predict",
     "ImageCollate",
     "make_loader",
-    "decode_batch_on_gpu",
     "write_random_imagefolder",
 ]
 
@@ -150,8 +151,7 @@ class ImageFolderDataset(Dataset):
     endings are matched case-insensitively (ImageNet uses ``.JPEG``), sub-folders of a class folder are included.
 
     ``dataset[i]`` reads the file's bytes, decodes them with torchvision.io (:func:`decode_image_bytes`: always
-    uint8 (3, H, W) RGB) and returns ``(transform(image), label)``. With ``decode=False`` it returns the raw file
-    bytes as a 1-D uint8 tensor instead (for :func:`decode_batch_on_gpu`; ``transform`` must then be None).
+    uint8 (3, H, W) RGB) and returns ``(transform(image), label)``.
 
     An unreadable or corrupt file raises :class:`BadImageError` naming the file. With ``skip_bad_files=True`` it is
     skipped instead: a :class:`BadImageWarning` naming the file is issued once (per process; each DataLoader worker
@@ -162,13 +162,10 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str | os.PathLike, transform: Callable[[torch.Tensor], Any] | None = None,
                  skip_bad_files: bool = False, extensions: Sequence[str] = IMG_EXTENSIONS, *,
-                 decode: bool = True, allow_empty_classes: bool = False):
+                 allow_empty_classes: bool = False):
         self.root = str(root)
         self.transform = transform
         self.skip_bad_files = bool(skip_bad_files)
-        self.decode = bool(decode)
-        if not self.decode and transform is not None:
-            raise ValueError("decode=False returns raw bytes; a transform cannot be applied to them")
         self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         if not self.extensions:
             raise ValueError("extensions must not be empty")
@@ -235,7 +232,7 @@ class ImageFolderDataset(Dataset):
             if i in self._bad:
                 continue
             try:
-                img = self.load(i) if self.decode else self.read_bytes(i)
+                img = self.load(i)
             except BadImageError as e:
                 if not self.skip_bad_files:
                     raise
@@ -362,66 +359,23 @@ class PCALighting(v2.Transform):
         return f"alphastd={self.alphastd}, max_value={self.max_value}"
 
 
-class SubtractMean(v2.Transform):
-    """``x - mean`` (or ``(x - mean) / std``), output float32, in the input's pixel units (0..255 here).
-
-    ``mean``: shape (3,) per-channel, or (3, H, W) per-pixel (the paper's "per-pixel mean" of the training images;
-    it must then match the crop size). Default :data:`IMAGENET_MEAN_255`, the common per-channel approximation of
-    the per-pixel ImageNet mean. ``std``: None (the paper: no division) or shape (3,). uint8 inputs are converted
-    to float32 first (values unchanged). Acts on image tensors; other inputs pass through."""
-
-    def __init__(self, mean: torch.Tensor | Sequence[float] | None = None,
-                 std: torch.Tensor | Sequence[float] | None = None):
-        super().__init__()
-        m = torch.as_tensor(IMAGENET_MEAN_255 if mean is None else mean, dtype=torch.float32).detach().cpu()
-        if m.dim() == 1:
-            m = m.view(-1, 1, 1)
-        if m.dim() != 3 or m.shape[0] != 3:
-            raise ValueError(f"mean must have shape (3,) or (3, H, W), got {tuple(m.shape)}")
-        self.mean = m
-        self.std = None
-        if std is not None:
-            s = torch.as_tensor(std, dtype=torch.float32).detach().cpu()
-            if s.shape != (3,) or bool((s <= 0).any()):
-                raise ValueError(f"std must be 3 positive numbers, got {s.tolist()}")
-            self.std = s.view(3, 1, 1)
-
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        return {}
-
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if not isinstance(inpt, torch.Tensor) or not _is_plain_image(inpt):
-            return inpt
-        x = inpt.as_subclass(torch.Tensor)
-        if not x.is_floating_point():
-            x = x.to(torch.float32)
-        if self.mean.shape[1:] != (1, 1) and tuple(x.shape[-2:]) != tuple(self.mean.shape[1:]):
-            raise ValueError(f"per-pixel mean of size {tuple(self.mean.shape[1:])} does not match the image size "
-                             f"{tuple(x.shape[-2:])}")
-        out = x - self.mean.to(x.device, x.dtype)
-        if self.std is not None:
-            out = out / self.std.to(x.device, x.dtype)
-        return _rewrap(out, inpt)
-
-    _get_params = make_params
-    _transform = transform
-
-    def extra_repr(self) -> str:
-        kind = "per-channel" if self.mean.shape[1:] == (1, 1) else f"per-pixel {tuple(self.mean.shape[1:])}"
-        return f"mean={kind}, std={'none' if self.std is None else self.std.flatten().tolist()}"
+def imagenet_normalizer(divide_by_std: bool = False) -> Normalizer:
+    """The per-channel ImageNet mean (:data:`IMAGENET_MEAN_255`) subtracted in 0..255 units: the common
+    approximation of the paper's per-pixel mean; ``divide_by_std`` also divides by :data:`IMAGENET_STD_255` (the
+    modern variant). For the paper's exact per-pixel mean, pass ``Normalizer("subtract-mean-255", mean=m)`` with
+    ``m`` the (3, crop, crop) mean of your training images in 0..255 units."""
+    return Normalizer("subtract-mean-255", mean=IMAGENET_MEAN_255, std=IMAGENET_STD_255 if divide_by_std else None)
 
 
-def paper_train_transform(mean: torch.Tensor | Sequence[float] | None = None,
-                          std: torch.Tensor | Sequence[float] | None = None, *, min_size: int = 256,
-                          max_size: int = 480, crop: int = 224, alphastd: float = 0.1) -> v2.Compose:
+def paper_train_transform(normalizer: Normalizer | None = None, *, min_size: int = 256, max_size: int = 480,
+                          crop: int = 224, alphastd: float = 0.1) -> v2.Compose:
     """The ImageNet training augmentation of He et al. 2015, Sec. 3.4, on uint8 (3, H, W) images:
 
     1. :class:`RandomShortSideResize` (shorter side uniform in [256, 480]; scale augmentation),
     2. a random 224x224 crop, 3. horizontal flip with p = 0.5,
     4. :class:`PCALighting` (alphastd 0.1; AlexNet's colour augmentation, on float 0..255 values),
-    5. :class:`SubtractMean`: ``mean`` defaults to the per-channel ImageNet mean * 255 (:data:`IMAGENET_MEAN_255`),
-       the common approximation of the paper's per-pixel mean; pass the per-pixel mean of your training images
-       ((3, crop, crop), 0..255 units) to follow the paper exactly. ``std`` (0..255 units) is optional.
+    5. mean subtraction by ``normalizer``, by default :func:`imagenet_normalizer` ``()``: the per-channel ImageNet
+       mean * 255, the common approximation of the paper's per-pixel mean (see there for the exact one).
 
     Output: float32 (3, crop, crop) in 0..255 units minus the mean. ``min_size``, ``max_size``, ``crop`` and
     ``alphastd`` are only exposed for tests and experiments; the defaults are the paper's."""
@@ -431,19 +385,18 @@ def paper_train_transform(mean: torch.Tensor | Sequence[float] | None = None,
         v2.RandomHorizontalFlip(0.5),
         v2.ToDtype(torch.float32, scale=False),
         PCALighting(alphastd, max_value=255.0),
-        SubtractMean(mean, std),
+        imagenet_normalizer() if normalizer is None else normalizer,
     ])
 
 
-def standard_eval_transform(resize: int = 256, crop: int = 224, mean: torch.Tensor | Sequence[float] | None = None,
-                            std: torch.Tensor | Sequence[float] | None = None) -> v2.Compose:
+def standard_eval_transform(resize: int = 256, crop: int = 224, normalizer: Normalizer | None = None) -> v2.Compose:
     """Single-centre-crop evaluation: shorter side resized to ``resize``, centre ``crop`` x ``crop`` crop, float32,
-    mean subtracted exactly as in :func:`paper_train_transform` (same ``mean``/``std`` defaults)."""
+    mean subtracted as in :func:`paper_train_transform` (same ``normalizer`` default)."""
     return v2.Compose([
         v2.Resize(resize, antialias=True),
         v2.CenterCrop(crop),
         v2.ToDtype(torch.float32, scale=False),
-        SubtractMean(mean, std),
+        imagenet_normalizer() if normalizer is None else normalizer,
     ])
 
 
@@ -526,7 +479,7 @@ def ten_crop_predict(model: torch.nn.Module, images: torch.Tensor | Sequence[tor
     ``average="softmax"`` (default, as the paper: it averages *scores*) returns the mean softmax probabilities;
     ``average="logits"`` the mean raw model outputs. Shape (N, K), or (K,) for a single (C, H, W) image.
 
-    uint8 crops are converted to float32 (values 0..255 kept); ``normalize`` (e.g. :class:`SubtractMean` ``()``)
+    uint8 crops are converted to float32 (values 0..255 kept); ``normalize`` (e.g. :func:`imagenet_normalizer` ``()``)
     is then applied to each (B, C, crop, crop) batch of crops; alternatively pass images that are already
     normalised (a per-channel mean subtraction commutes with resizing and cropping). The model runs in eval mode
     under no_grad (its mode is restored afterwards) on its parameters' device and dtype, ``batch_size`` crops at a
@@ -595,17 +548,14 @@ def multiscale_predict(model: torch.nn.Module, image: torch.Tensor | Sequence[to
 class ImageCollate:
     """Collate ``(image, label)`` samples: images stacked to one tensor converted to ``dtype`` (default float32;
     values are not rescaled, so uint8 images become float 0..255; ``dtype=None`` keeps the images' dtype), labels to
-    an int64 tensor. Raw encoded bytes (1-D uint8 tensors, ``ImageFolderDataset(decode=False)``) are returned as a
-    list, for :func:`decode_batch_on_gpu`."""
+    an int64 tensor."""
 
     def __init__(self, dtype: torch.dtype | None = torch.float32):
         self.dtype = dtype
 
-    def __call__(self, batch: Sequence[tuple[Any, int]]) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+    def __call__(self, batch: Sequence[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         images = [b[0] for b in batch]
         labels = torch.as_tensor([int(b[1]) for b in batch], dtype=torch.int64)
-        if all(isinstance(t, torch.Tensor) and t.dim() == 1 for t in images):
-            return images, labels
         shapes = {tuple(t.shape) for t in images}
         if len(shapes) != 1:
             raise ValueError(f"cannot stack images of different sizes {sorted(shapes)[:4]}; the transform must "
@@ -655,41 +605,6 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
         collate_fn=ImageCollate(image_dtype), pin_memory=bool(pin_memory) and torch.cuda.is_available(),
         drop_last=train if drop_last is None else bool(drop_last), generator=generator,
         worker_init_fn=_seed_worker if num_workers > 0 else None, **kwargs)
-
-
-def _is_jpeg(data: torch.Tensor) -> bool:
-    return data.numel() >= 3 and data[0].item() == 0xFF and data[1].item() == 0xD8 and data[2].item() == 0xFF
-
-
-def decode_batch_on_gpu(data: Sequence[bytes | bytearray | memoryview | torch.Tensor],
-                        device: str | torch.device = "cuda") -> list[torch.Tensor]:
-    """Decode a batch of encoded images to uint8 (3, H, W) RGB tensors on ``device``.
-
-    On a CUDA device, JPEGs are decoded in one batched ``torchvision.io.decode_jpeg(..., device=device)`` call
-    (nvJPEG); other formats (PNG, ...) are decoded on the CPU and moved. A CUDA device without CUDA available raises
-    RuntimeError (no silent fallback); ``device="cpu"`` decodes everything on the CPU. Typical use with
-    ``ImageFolderDataset(root, decode=False)`` + :func:`make_loader` (which then yields lists of byte tensors),
-    followed by GPU-side transforms. NOTE: the CUDA path is not exercised by this project's CPU-only tests."""
-    dev = torch.device(device)
-    tensors = [_as_byte_tensor(d) for d in data]
-    if dev.type != "cuda":
-        return [decode_image_bytes(t).to(dev) for t in tensors]
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"decode_batch_on_gpu(device={str(dev)!r}): CUDA is not available; use device='cpu' or "
-                           f"ImageFolderDataset with decode=True")
-    out: list[torch.Tensor | None] = [None] * len(tensors)
-    jpeg_idx = [i for i, t in enumerate(tensors) if _is_jpeg(t)]
-    if jpeg_idx:
-        try:
-            decoded = decode_jpeg([tensors[i] for i in jpeg_idx], mode=ImageReadMode.RGB, device=dev)
-        except RuntimeError as e:
-            raise BadImageError(f"GPU JPEG decode failed for batch items {jpeg_idx}: {e}") from e
-        for i, img in zip(jpeg_idx, decoded):
-            out[i] = img
-    for i, t in enumerate(tensors):
-        if out[i] is None:
-            out[i] = decode_image_bytes(t).to(dev, non_blocking=True)
-    return out  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The options, checked once where a net is asked for (resnets.models.registry.create_model); the blocks and nets
+# trust what they are given.
 SHORTCUT_OPTIONS = ("A", "B", "C")
-STRIDE_VARIANTS = ("1x1", "3x3")
+STRIDE_VARIANTS = ("1x1", "3x3")   # where a bottleneck puts its stride: "1x1" (paper, v1), "3x3" (torchvision, v1.5)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -56,9 +58,7 @@ class Projection(nn.Sequential):
 
 
 def make_shortcut(option: str, in_planes: int, out_planes: int, stride: int) -> nn.Module | None:
-    """The shortcut module for one block; ``None`` means the identity."""
-    if option not in SHORTCUT_OPTIONS:
-        raise ValueError(f"unknown shortcut option {option!r}; choose one of 'A', 'B', 'C' (He et al. 2015, Sec. 3.3)")
+    """The shortcut module for one block (``option``: one of :data:`SHORTCUT_OPTIONS`); ``None`` means the identity."""
     grows = stride != 1 or in_planes != out_planes
     if option == "C" or (option == "B" and grows):
         return Projection(in_planes, out_planes, stride)
@@ -127,8 +127,6 @@ class Bottleneck(_Block):
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  residual: bool = True, groups: int = 1, base_width: int = 64, stride_in: str = "1x1"):
         super().__init__()
-        if stride_in not in STRIDE_VARIANTS:
-            raise ValueError(f"unknown stride_in {stride_in!r}; choose '1x1' (paper, v1) or '3x3' (torchvision, v1.5)")
         if not residual and downsample is not None:
             raise ValueError("a plain block has no shortcut")
         width = int(planes * (base_width / 64.0)) * groups

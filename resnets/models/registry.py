@@ -10,7 +10,7 @@ from typing import Any, Callable
 from torch import nn
 
 from . import paper, pretrained  # noqa: F401 - pretrained: weights="cifar10" etc.
-from .blocks import BasicBlock, Bottleneck
+from .blocks import SHORTCUT_OPTIONS, STRIDE_VARIANTS, BasicBlock, Bottleneck
 from .resnet import CifarResNeXt, CifarResNet, ResNet
 
 
@@ -34,21 +34,36 @@ def _imagenet(depth: int | None = None, *, residual: bool = True, num_classes: i
     if depth not in paper.TABLE1_LAYERS:
         raise ValueError(f"ImageNet ResNet depth must be one of {sorted(paper.TABLE1_LAYERS)} (Table 1); got {depth}")
     block = BasicBlock if depth < 50 else Bottleneck
-    if block is BasicBlock and kw.get("stride_in", "1x1") != "1x1":
-        raise ValueError("stride_in applies to bottleneck nets (depth >= 50) only")
     return ResNet(block, paper.TABLE1_LAYERS[depth], num_classes, residual=residual, **kw)
 
 
 def _cifar(depth: int | None = None, *, num_classes: int = 10, stride_in: str = "1x1", **kw: Any) -> CifarResNet:
-    if stride_in != "1x1":
-        raise ValueError("stride_in applies to bottleneck nets only; the CIFAR ResNets use basic blocks")
-    return CifarResNet(depth, num_classes, **kw)
+    return CifarResNet(depth, num_classes, **kw)          # stride_in: always "1x1" here (_check_options)
 
 
 def _cifar_resnext(*, num_classes: int = 10, stride_in: str = "3x3", **kw: Any) -> CifarResNeXt:
-    if stride_in != "3x3":
+    return CifarResNeXt(num_classes=num_classes, **kw)    # stride_in: always "3x3" here (_check_options)
+
+
+def _check_options(family: str, kwargs: dict[str, Any]) -> None:
+    """The one check of the shortcut option and the stride placement (``stride_in``) of a net asked for by name;
+    the nets and blocks built from them trust these arguments."""
+    shortcut = kwargs.get("shortcut", "B")
+    if shortcut not in SHORTCUT_OPTIONS:
+        raise ValueError(f"unknown shortcut option {shortcut!r}; choose one of 'A', 'B', 'C' (He et al. 2015, Sec. 3.3)")
+    if "stride_in" not in kwargs:
+        return
+    stride_in = kwargs["stride_in"]
+    if stride_in not in STRIDE_VARIANTS:
+        raise ValueError(f"unknown stride_in {stride_in!r}; choose '1x1' (paper, v1) or '3x3' (torchvision, v1.5)")
+    depth = kwargs.get("depth")
+    if family == "imagenet" and isinstance(depth, int) and depth in paper.TABLE1_LAYERS and depth < 50 \
+            and stride_in != "1x1":
+        raise ValueError("stride_in applies to bottleneck nets (depth >= 50) only")
+    if family == "cifar" and stride_in != "1x1":
+        raise ValueError("stride_in applies to bottleneck nets only; the CIFAR ResNets use basic blocks")
+    if family == "cifar-resnext" and stride_in != "3x3":
         raise ValueError("ResNeXt-29 puts the stride on the 3x3 conv (Xie et al. 2017); stride_in must be '3x3'")
-    return CifarResNeXt(num_classes=num_classes, **kw)
 
 
 def _register(name: str, family: str, builder: Callable[..., nn.Module], paper_error=None, **defaults: Any) -> None:
@@ -209,6 +224,7 @@ def create_model(name: str, weights: str | os.PathLike | None = None, *, weights
         if wanted["stride_in"] == "3x3":
             overrides = {**overrides, "stride_in": "3x3"}
     kwargs = {**spec.defaults, **overrides}
+    _check_options(spec.family, kwargs)
     try:
         model = spec.builder(**kwargs)
     except TypeError as e:

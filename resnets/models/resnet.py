@@ -12,13 +12,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .blocks import SHORTCUT_OPTIONS, STRIDE_VARIANTS, BasicBlock, Bottleneck, conv3x3, make_shortcut
+from .blocks import BasicBlock, Bottleneck, conv3x3, make_shortcut
 
 Block = type[BasicBlock] | type[Bottleneck]
 
 
 class _Net(nn.Module):
-    """What the ImageNet and CIFAR nets share: stage building, initialisation, input checks."""
+    """What the ImageNet and CIFAR nets share: stage building, initialisation, input checks. The ``shortcut`` and
+    ``stride_in`` options are not checked here: :func:`resnets.models.create_model` checks them, once."""
 
     in_channels: int
 
@@ -55,13 +56,6 @@ class _Net(nn.Module):
         return [m for m in self.modules() if isinstance(m, (BasicBlock, Bottleneck))]
 
 
-def _check_options(shortcut: str, stride_in: str) -> None:
-    if shortcut not in SHORTCUT_OPTIONS:
-        raise ValueError(f"unknown shortcut option {shortcut!r}; choose one of 'A', 'B', 'C' (He et al. 2015, Sec. 3.3)")
-    if stride_in not in STRIDE_VARIANTS:
-        raise ValueError(f"unknown stride_in {stride_in!r}; choose '1x1' (paper, v1) or '3x3' (torchvision, v1.5)")
-
-
 class ResNet(_Net):
     """ImageNet architecture of Table 1: 7x7/2 conv, 3x3/2 max-pool, four stages (64/128/256/512 filters),
     global average pool and a fully connected layer. ``residual=False`` gives the plain net."""
@@ -70,7 +64,6 @@ class ResNet(_Net):
                  residual: bool = True, stride_in: str = "1x1", groups: int = 1, width_per_group: int = 64,
                  zero_init_residual: bool = False, in_channels: int = 3):
         super().__init__()
-        _check_options(shortcut, stride_in)
         self.block, self.layers, self.shortcut, self.residual = block, tuple(layers), shortcut, residual
         self.stride_in, self.groups, self.base_width, self.in_channels = stride_in, groups, width_per_group, in_channels
         self.inplanes = 64
@@ -110,7 +103,6 @@ class CifarResNet(_Net):
     def __init__(self, depth: int, num_classes: int = 10, *, shortcut: str = "A", residual: bool = True,
                  widths: Sequence[int] = (16, 32, 64), zero_init_residual: bool = False, in_channels: int = 3):
         super().__init__()
-        _check_options(shortcut, "1x1")
         if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...); got {depth}")
         self.depth, self.shortcut, self.residual, self.in_channels = depth, shortcut, residual, in_channels
@@ -149,7 +141,6 @@ class CifarResNeXt(_Net):
                  depth: int = 29, shortcut: str = "B", residual: bool = True, zero_init_residual: bool = False,
                  in_channels: int = 3):
         super().__init__()
-        _check_options(shortcut, "3x3")
         if (depth - 2) % 9:
             raise ValueError(f"CIFAR ResNeXt depth must be 9n+2 (e.g. 29); got {depth}")
         n = (depth - 2) // 9

@@ -18,6 +18,14 @@ from .runtime import Runtime, pick_runtime
 from .sources import _OnDevice, normalizer_from_checkpoint
 
 
+def count_wrong(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 and top-5 mistakes in a batch: how many rows of ``scores`` (N, K) (logits or probabilities) do not
+    rank the true label first, and how many do not have it among their 5 highest (all K when K < 5). Two 0-dim
+    int64 tensors on the scores' device. The one place resnets counts top-1/top-5 errors."""
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    return (top[:, 0] != labels).sum(), (~(top == labels[:, None]).any(dim=1)).sum()
+
+
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], rt: Runtime, *,
                    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
@@ -35,9 +43,9 @@ def evaluate_model(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.
             logits = model(x)
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        wrong1 += (top[:, 0] != y).sum()
-        wrong5 += (~(top == y[:, None]).any(dim=1)).sum()
+        w1, w5 = count_wrong(logits, y)
+        wrong1 += w1
+        wrong5 += w5
         n += y.numel()
     model.train(was_training)
     if reduce is not None:
@@ -93,8 +101,8 @@ def evaluate_imagefolder_checkpoint(path: str | os.PathLike, data: str | os.Path
     ``"multi-scale"`` (fully-convolutional, whole images at ``scales``, default {224, 256, 384, 480, 640}, scores
     averaged; Table 4/5's best results). Crop, resize and mean come from the checkpoint. ``loss`` is the mean
     negative log of the (averaged) probability of the true class."""
-    from ..data.imagefolder import (ImageFolderDataset, SubtractMean, make_loader, multiscale_predict,
-                                    standard_eval_transform, ten_crop_predict)
+    from ..data.imagefolder import (ImageFolderDataset, make_loader, multiscale_predict, standard_eval_transform,
+                                    ten_crop_predict)
     if protocol not in ("center", "ten-crop", "multi-scale"):
         raise ValueError(f"unknown protocol {protocol!r}; choose center, ten-crop or multi-scale")
     c = ck.load_checkpoint(path, with_state=False)
@@ -107,11 +115,11 @@ def evaluate_imagefolder_checkpoint(path: str | os.PathLike, data: str | os.Path
     val_dir = root / "val" if (root / "val").is_dir() else root
     conf = c.meta.get("config", {})
     crop, resize = int(conf.get("crop", 224)), int(conf.get("eval_resize", 256))
-    mean, std = c.preprocess.get("mean"), c.preprocess.get("std")
+    normalize = normalizer_from_checkpoint(c)
     model = ck.model_from_checkpoint(c)
     rt = pick_runtime(device, precision)
     model = model.to(rt.device, memory_format=rt.memory_format).eval()
-    transform = standard_eval_transform(resize, crop, mean, std) if protocol == "center" else None
+    transform = standard_eval_transform(resize, crop, normalize) if protocol == "center" else None
     ds = ImageFolderDataset(val_dir, transform=transform, skip_bad_files=True, allow_empty_classes=True)
     if c.classes and list(ds.classes) != list(c.classes):
         raise ck.CheckpointError(f"{c.path}: trained on {len(c.classes)} classes {c.classes[:3]}..., "
@@ -124,7 +132,6 @@ def evaluate_imagefolder_checkpoint(path: str | os.PathLike, data: str | os.Path
     else:
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=indices, num_workers=workers,
                                              collate_fn=_list_collate)
-        normalize = SubtractMean(mean, std)
         n, wrong1, wrong5, nll = 0, 0, 0, 0.0
         for images, y in loader:
             with rt.autocast():
@@ -134,9 +141,9 @@ def evaluate_imagefolder_checkpoint(path: str | os.PathLike, data: str | os.Path
                     scores = multiscale_predict(model, images, tuple(scales or (224, 256, 384, 480, 640)),
                                                 flip=flip, normalize=normalize)
             scores, y = scores.float().cpu(), y.cpu()
-            top = scores.topk(min(5, scores.shape[1]), dim=1).indices
-            wrong1 += int((top[:, 0] != y).sum())
-            wrong5 += int((~(top == y[:, None]).any(dim=1)).sum())
+            w1, w5 = count_wrong(scores, y)
+            wrong1 += int(w1)
+            wrong5 += int(w5)
             nll += float(-scores.gather(1, y[:, None]).clamp_min(1e-12).log().sum())
             n += y.numel()
         metrics = {"error": 100.0 * wrong1 / n, "top5_error": 100.0 * wrong5 / n, "loss": nll / n, "n": n}

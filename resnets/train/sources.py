@@ -25,11 +25,8 @@ from . import distributed as ddp
 from .runtime import Runtime
 
 
-def preprocess_state(normalizer: Normalizer) -> dict[str, Any]:
-    return normalizer.state_dict()
-
-
 def normalizer_from_checkpoint(c: ck.Checkpoint) -> Normalizer:
+    """The input normalisation a checkpoint was trained with (its ``preprocess``, :meth:`Normalizer.state_dict`)."""
     if not c.preprocess:
         raise ck.CheckpointError(f"{c.path}: the checkpoint holds no preprocessing; it was not written by resnets train")
     return Normalizer.from_state_dict(c.preprocess)
@@ -40,7 +37,8 @@ class CifarSource:
     builds the global batch of step k (``DeviceLoader.batch``) and keeps its contiguous slice; the test (or val)
     images are split into contiguous shards, one per rank."""
 
-    def __init__(self, cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, data=None):
+    def __init__(self, cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, data=None,
+                 normalizer: Normalizer | None = None):
         if data is None:
             data = load_cifar(cfg.dataset, root=cfg.data, progress=cfg.progress and ctx.is_main)
         self.eval_name = "test"
@@ -54,7 +52,7 @@ class CifarSource:
         self.train_size = len(data.train_labels)
         self.ctx = ctx
         self.local_batch = ddp.local_batch_size(cfg.batch_size, ctx)
-        self.normalizer = Normalizer(cfg.normalize, data.train_images)
+        self.normalizer = normalizer or Normalizer(cfg.normalize, data.train_images)
         self.loader = DeviceLoader(data.train_images, data.train_labels, cfg.batch_size, rt.device, train=True,
                                    normalizer=self.normalizer, seed=cfg.seed, augment=cfg.augment,
                                    channels_last=rt.channels_last)
@@ -75,7 +73,7 @@ class CifarSource:
         return x, y
 
     def preprocess(self) -> dict[str, Any]:
-        return preprocess_state(self.normalizer)
+        return self.normalizer.state_dict()
 
     def close(self) -> None:
         pass
@@ -156,15 +154,13 @@ class _OnDevice:
                    y.to(self.rt.device, non_blocking=True))
 
 
-def imagefolder_normalization(cfg_normalize: str) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
-    """(mean, std) in 0..255 units: the paper subtracts a mean only ("pixel-mean", approximated per channel by
-    the ImageNet mean, as resnets.data.imagefolder does); "channel" also divides by the ImageNet std."""
-    from ..data.imagefolder import IMAGENET_MEAN_255, IMAGENET_STD_255
-    if cfg_normalize == "pixel-mean":
-        return IMAGENET_MEAN_255, None
-    if cfg_normalize == "channel":
-        return IMAGENET_MEAN_255, IMAGENET_STD_255
-    raise ValueError(f"unknown normalize {cfg_normalize!r}; choose pixel-mean or channel")
+def imagefolder_normalizer(cfg_normalize: str) -> Normalizer:
+    """0..255 units: the paper subtracts a mean only ("pixel-mean", approximated per channel by the ImageNet mean,
+    as resnets.data.imagefolder does); "channel" also divides by the ImageNet std."""
+    from ..data.imagefolder import imagenet_normalizer
+    if cfg_normalize not in ("pixel-mean", "channel"):
+        raise ValueError(f"unknown normalize {cfg_normalize!r}; choose pixel-mean or channel")
+    return imagenet_normalizer(divide_by_std=cfg_normalize == "channel")
 
 
 def imagefolder_dirs(data: str | os.PathLike | None) -> tuple[Path, Path | None]:
@@ -188,17 +184,19 @@ class ImageFolderSource:
     name = "imagefolder"
     eval_name = "val"
 
-    def __init__(self, cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext):
+    def __init__(self, cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, normalizer: Normalizer | None = None):
         from ..data.imagefolder import (ImageFolderDataset, make_loader, paper_train_transform,
                                         standard_eval_transform)
         train_dir, val_dir = imagefolder_dirs(cfg.data)
         self.rt, self.ctx = rt, ctx
-        self.mean, self.std = imagefolder_normalization(cfg.normalize)
-        if cfg.augment:
-            tf = paper_train_transform(self.mean, self.std, min_size=cfg.resize_min, max_size=cfg.resize_max,
+        self.normalizer = normalizer or imagefolder_normalizer(cfg.normalize)
+        if cfg.augment and cfg.crop_style == "random-resized":
+            tf = random_resized_transform(self.normalizer, cfg.crop, cfg.crop_min_area, cfg.hflip)
+        elif cfg.augment:
+            tf = paper_train_transform(self.normalizer, min_size=cfg.resize_min, max_size=cfg.resize_max,
                                        crop=cfg.crop, alphastd=cfg.lighting)
         else:
-            tf = standard_eval_transform(cfg.eval_resize, cfg.crop, self.mean, self.std)
+            tf = standard_eval_transform(cfg.eval_resize, cfg.crop, self.normalizer)
         train_ds = ImageFolderDataset(train_dir, transform=tf, skip_bad_files=True)
         self.classes = list(train_ds.classes)
         self.train_size = len(train_ds)
@@ -213,7 +211,7 @@ class ImageFolderSource:
         self.sharded_eval = False
         if val_dir is not None:
             val_ds = ImageFolderDataset(val_dir, transform=standard_eval_transform(cfg.eval_resize, cfg.crop,
-                                                                                   self.mean, self.std),
+                                                                                   self.normalizer),
                                         skip_bad_files=True, allow_empty_classes=True)
             if list(val_ds.classes) != self.classes:
                 raise ValueError(f"{val_dir} has {len(val_ds.classes)} class folders, {train_dir} has "
@@ -237,20 +235,28 @@ class ImageFolderSource:
                 y.to(self.rt.device, non_blocking=True))
 
     def preprocess(self) -> dict[str, Any]:
-        p: dict[str, Any] = {"mode": "subtract-mean-255", "mean": torch.tensor(self.mean, dtype=torch.float64)}
-        if self.std is not None:
-            p["std"] = torch.tensor(self.std, dtype=torch.float64)
-        return p
+        return self.normalizer.state_dict()
 
     def close(self) -> None:
         self._it = None
 
 
-def make_source(cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, data=None):
+def random_resized_transform(normalizer: Normalizer, crop: int, min_area: float, hflip: bool):
+    """Fine-tuning's training crops (not the paper): a random part of the image (``min_area`` to all of its area,
+    aspect 3/4 to 4/3) resized to ``crop`` x ``crop``, a horizontal flip if ``hflip``, then ``normalizer``."""
+    from torchvision.transforms import v2
+    steps = [v2.RandomResizedCrop(crop, scale=(min_area, 1.0), antialias=True)]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=False), normalizer])
+
+
+def make_source(cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, data=None, normalizer: Normalizer | None = None):
+    """The run's data; ``normalizer`` replaces the one computed from the data (fine-tuning: the weights')."""
     if cfg.dataset == "imagefolder":
         if data is not None:
             raise ValueError("data= is for CIFAR runs; ImageFolder runs read cfg.data")
-        return ImageFolderSource(cfg, rt, ctx)
+        return ImageFolderSource(cfg, rt, ctx, normalizer)
     if cfg.dataset not in ("cifar10", "cifar100"):
         raise ValueError(f"unknown dataset {cfg.dataset!r}; choose cifar10, cifar100 or imagefolder")
-    return CifarSource(cfg, rt, ctx, data)
+    return CifarSource(cfg, rt, ctx, data, normalizer)
