@@ -58,11 +58,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stride-in", choices=["1x1", "3x3"], help="bottleneck stride: 1x1 (paper, v1) or 3x3 (v1.5)")
     g.add_argument("--depth", type=int, help="any 6n+2 depth for the CIFAR nets")
     g.add_argument("--zero-init-residual", action="store_true", default=None, help="start each block as identity")
+    g.add_argument("--num-classes", type=int, help="a check only: the head is sized from the data's classes")
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
     kw = {"shortcut": args.shortcut, "stride_in": args.stride_in, "depth": args.depth,
-          "zero_init_residual": args.zero_init_residual}
+          "zero_init_residual": args.zero_init_residual, "num_classes": getattr(args, "num_classes", None)}
     return {k: v for k, v in kw.items() if v is not None}
 
 

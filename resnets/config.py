@@ -25,6 +25,7 @@ from typing import Any, Literal
 _RECIPE, _LOGS, _RUNTIME = "recipe overrides", "evaluation, logs, checkpoints", "runtime"
 _IMAGEFOLDER = "ImageFolder data (--recipe imagenet-paper; Sec. 3.4)"
 _MODERN = "not the paper (cifar-fast, imagenet-modern)"
+_FINETUNE = "fine-tuning pretrained weights (--recipe finetune; not the paper)"
 
 
 def _field(default: Any, help: str, group: str | None = None, *, choices: tuple[str, ...] | None = None,
@@ -71,10 +72,21 @@ class TrainConfig:
     augment: bool = _field(True, "pad-crop-flip: 4-pixel pad, random 32x32 crop, horizontal flip", _RECIPE)
     seed: int = _field(0, "random seed (weights, data order, augmentation)", _RECIPE)
     # ImageFolder pipeline (dataset="imagefolder"; Sec. 3.4): scale augmentation, crop, colour augmentation
-    crop: int = _field(224, "training crop and single-centre-crop / 10-crop test size (224)", _IMAGEFOLDER)
+    crop: int | None = _field(224, "training crop and single-centre-crop / 10-crop test size (224; the finetune "
+                              "recipe: the weights' resolution)", _IMAGEFOLDER)
+    crop_style: str = _field("paper", "training crops: the paper's scale augmentation (shorter side from "
+                             "[resize-min, resize-max], random crop), or random-resized (a random part of the image, "
+                             "--crop-min-area to all of its area, aspect 3/4 to 4/3; the finetune recipe)",
+                             _IMAGEFOLDER, choices=("paper", "random-resized"))
+    crop_min_area: float = _field(0.08, "random-resized crops: the smallest fraction of the image's area (0.08, as "
+                                  "torchvision's references)", _IMAGEFOLDER)
+    hflip: bool = _field(True, "random-resized crops: random horizontal flips too (off for images whose mirror "
+                         "means something else, e.g. digits)", _IMAGEFOLDER)
     resize_min: int = _field(256, "scale augmentation: shorter side from [min, max] (256)", _IMAGEFOLDER)
     resize_max: int = _field(480, "scale augmentation: longest shorter side (480)", _IMAGEFOLDER)
-    eval_resize: int = _field(256, "shorter side before the test centre crop and the 10 crops (256)", _IMAGEFOLDER)
+    eval_resize: int | None = _field(256, "shorter side before the test centre crop and the 10 crops (256; the "
+                                     "finetune recipe: crop x 8/7, or the crop itself below 128 pixels)",
+                                     _IMAGEFOLDER)
     lighting: float = _field(0.1, "PCA colour augmentation (AlexNet) alpha std (0.1; 0 disables)", _IMAGEFOLDER)
     workers: int = _field(8, "DataLoader worker processes per rank (default 8)", _IMAGEFOLDER)
     # optional modern tricks (NOT the paper; used by "cifar-fast" and "imagenet-modern" only)
@@ -82,6 +94,13 @@ class TrainConfig:
     lr_schedule: str = _field("step", "step: the paper's (lr / 10 at --milestones); cosine (imagenet-modern), "
                               "one-cycle (cifar-fast)", _MODERN, choices=("step", "cosine", "one-cycle"))
     lr_warmup: float = _field(0.0, "one-cycle: fraction of the steps for the lr to rise from lr/10 (0.04)", _MODERN)
+    # fine-tuning: start from pretrained weights (resnets.train.finetune)
+    weights: str | None = _field(None, "start from these weights: torchvision[:TAG], a shipped tag (cifar10), or a "
+                                 "checkpoint/weights file; a new head when the data has other classes", _FINETUNE)
+    freeze: str | None = _field(None, "keep the stem and the stages up to this one fixed: stem, layer1, ..., or "
+                                "backbone (all but the head)", _FINETUNE)
+    backbone_lr: float = _field(1.0, "lr of the pretrained layers, as a fraction of --lr (the new head gets --lr)",
+                                _FINETUNE)
     # data parallel (torchrun): the global batch is batch_size; BN statistics over the global batch with sync_bn
     sync_bn: bool = _field(False, "under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)",
                            _RUNTIME)
@@ -198,7 +217,7 @@ class TrainConfig:
         integer("workers", 0, 1024)
         integer("warmup_max_steps", 0, 10**9)
         for name in ("crop", "resize_min", "resize_max", "eval_resize"):
-            integer(name, 1, 16_384)
+            integer(name, 1, 16_384, none_ok=name in ("crop", "eval_resize"))
         real("epochs", 0, 10**6, none_ok=True, lo_open=True)
         real("lr", 0, 100, lo_open=True)
         real("momentum", 0, 1, hi_open=True)
@@ -209,6 +228,15 @@ class TrainConfig:
         real("lighting", 0, 10)
         real("warmup_until_error", 0, 1, lo_open=True)
         real("checkpoint_minutes", 0, 10**6)
+        real("backbone_lr", 0, 100)
+        real("crop_min_area", 0, 1, lo_open=True)
+        for name in ("weights", "freeze"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"{source}: {flag(name)} must be a non-empty string, got {v!r}")
+        if self.freeze is not None and self.weights is None:
+            raise ValueError(f"{source}: --freeze {self.freeze} keeps layers at their initial values: it needs "
+                             "--weights (pretrained layers to keep)")
         if self.warmup_lr not in (None, "auto"):
             real("warmup_lr", 0, 100, lo_open=True)
         if self.resize_min > self.resize_max:
@@ -298,8 +326,19 @@ CIFAR_FAST = dataclasses.replace(
     label_smoothing=0.1, lr_schedule="one-cycle", lr_warmup=0.04, milestones=(), warmup_lr=None,
     precision="bf16", compile=True, eval_every=975, checkpoint_every=975, keep_last=2)
 
+# NOT the paper: fine-tuning pretrained weights (--weights) on a small ImageFolder data set of your own. 30 epochs
+# of batch 32, cosine lr decay, Nesterov momentum, weight decay 5e-4, label smoothing 0.1; random-resized crops
+# (and flips) at the weights' resolution, no PCA lighting; the pretrained layers at backbone_lr times the new
+# head's lr. lr and backbone_lr were chosen by benchmarks/finetune_digits.py's sweep (docs/finetune.md).
+FINETUNE = dataclasses.replace(
+    CIFAR_PAPER, recipe="finetune", dataset="imagefolder", steps=1_000, epochs=30, batch_size=32, lr=0.03,
+    backbone_lr=0.1, nesterov=True, weight_decay=5e-4, label_smoothing=0.1, lr_schedule="cosine", milestones=(),
+    warmup_lr=None, crop=None, eval_resize=None, crop_style="random-resized", lighting=0.0, workers=2,
+    eval_every=10**6, checkpoint_every=10**6, log_every=10)
+
 RECIPES: dict[str, TrainConfig] = {"cifar-paper": CIFAR_PAPER, "cifar-fast": CIFAR_FAST,
-                                   "imagenet-paper": IMAGENET_PAPER, "imagenet-modern": IMAGENET_MODERN}
+                                   "imagenet-paper": IMAGENET_PAPER, "imagenet-modern": IMAGENET_MODERN,
+                                   "finetune": FINETUNE}
 
 
 def recipe(name: str, **overrides: Any) -> TrainConfig:

@@ -32,9 +32,9 @@ from torch import nn
 
 from .. import __version__
 from ..config import TrainConfig
-from ..models import create_model
 from . import checkpoint as ck
 from . import distributed as ddp
+from . import finetune
 from .evaluate import evaluate_model
 from .log import LogWindow, RunLog
 from .rundir import GracefulStop, StoppedBySignal, agree, load_resume, own_run_dir
@@ -179,19 +179,21 @@ def _setup(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
     if rt.is_cuda:   # fixed batch shapes: let cuDNN time its kernels once and keep the fastest
         torch.backends.cudnn.benchmark = True
     resume = load_resume(cfg, ctx)
-    source = make_source(cfg, rt, ctx, data)
+    cfg, initial, normalizer = finetune.prepare(cfg, resume)
+    source = make_source(cfg, rt, ctx, data, normalizer)
     cfg = resolve_steps(cfg, source.train_size)
-
+    n = len(source.classes)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=len(source.classes), **cfg.model_kwargs)
+    model, note = finetune.build_model(cfg, source.classes, initial, resume)
     model = model.to(rt.device, memory_format=rt.memory_format)
     if cfg.sync_bn and ctx.enabled:
         model = ddp.convert_sync_batchnorm(model, rt.device).to(rt.device, memory_format=rt.memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    params = finetune.param_groups(model, cfg.backbone_lr) if cfg.weights else model.parameters()
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                nesterov=cfg.nesterov)
     warmup_lr = resolve_warmup(cfg, model)
     lr_cfg = cfg if warmup_lr is None else dataclasses.replace(cfg, warmup_lr=warmup_lr)
-    meta = {"model": cfg.model, "model_kwargs": {"num_classes": len(source.classes), **cfg.model_kwargs},
+    meta = {"model": cfg.model, "model_kwargs": {"num_classes": n, **model.model_kwargs},
             "classes": source.classes, "dataset": source.name, "config": cfg.to_dict(),
             "world_size": ctx.world_size, "resnets_version": __version__, "torch_version": torch.__version__}
     run = Run(cfg, lr_cfg, ctx, rt, source, model, optimizer, None, None, on_log, meta, LogWindow(rt.device),
@@ -211,6 +213,9 @@ def _setup(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
                                                         sort_keys=True) + "\n")
         run.log = RunLog(run.out, cfg.log_format, cfg.tensorboard, run.start if resume is not None else None)
 
+    if note:
+        print(f"{cfg.out}: {note}", flush=True)
+        run.emit({"step": 0, "split": "event", "event": note})
     fwd_model: nn.Module = ddp.wrap_ddp(model, ctx, rt.device) if ctx.enabled else model
     if cfg.compile:
         fwd_model = torch.compile(fwd_model)
@@ -237,7 +242,7 @@ def _train_steps(run: Run, stop: GracefulStop | None) -> Generator[int, None, Tr
         for step in range(run.start, cfg.steps):
             lr = learning_rate(run.lr_cfg, step, run.warming)
             for g in run.optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)    # (fine-tuning: the pretrained layers' share)
             x, y = run.source.batch(step)
             out = run.step_fn(x, y)
             done = step + 1

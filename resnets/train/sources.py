@@ -37,7 +37,8 @@ class CifarSource:
     builds the global batch of step k (``DeviceLoader.batch``) and keeps its contiguous slice; the test (or val)
     images are split into contiguous shards, one per rank."""
 
-    def __init__(self, cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, data=None):
+    def __init__(self, cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, data=None,
+                 normalizer: Normalizer | None = None):
         if data is None:
             data = load_cifar(cfg.dataset, root=cfg.data, progress=cfg.progress and ctx.is_main)
         self.eval_name = "test"
@@ -51,7 +52,7 @@ class CifarSource:
         self.train_size = len(data.train_labels)
         self.ctx = ctx
         self.local_batch = ddp.local_batch_size(cfg.batch_size, ctx)
-        self.normalizer = Normalizer(cfg.normalize, data.train_images)
+        self.normalizer = normalizer or Normalizer(cfg.normalize, data.train_images)
         self.loader = DeviceLoader(data.train_images, data.train_labels, cfg.batch_size, rt.device, train=True,
                                    normalizer=self.normalizer, seed=cfg.seed, augment=cfg.augment,
                                    channels_last=rt.channels_last)
@@ -183,19 +184,24 @@ class ImageFolderSource:
     name = "imagefolder"
     eval_name = "val"
 
-    def __init__(self, cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext):
+    def __init__(self, cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, normalizer: Normalizer | None = None):
         from ..data.imagefolder import (ImageFolderDataset, make_loader, paper_train_transform,
                                         standard_eval_transform)
         train_dir, val_dir = imagefolder_dirs(cfg.data)
         self.rt, self.ctx = rt, ctx
-        self.normalizer = imagefolder_normalizer(cfg.normalize)
-        if cfg.augment:
+        self.normalizer = normalizer or imagefolder_normalizer(cfg.normalize)
+        if cfg.augment and cfg.crop_style == "random-resized":
+            tf = random_resized_transform(self.normalizer, cfg.crop, cfg.crop_min_area, cfg.hflip)
+        elif cfg.augment:
             tf = paper_train_transform(self.normalizer, min_size=cfg.resize_min, max_size=cfg.resize_max,
                                        crop=cfg.crop, alphastd=cfg.lighting)
         else:
             tf = standard_eval_transform(cfg.eval_resize, cfg.crop, self.normalizer)
         train_ds = ImageFolderDataset(train_dir, transform=tf, skip_bad_files=True)
         self.classes = list(train_ds.classes)
+        if len(self.classes) < 2:
+            raise ValueError(f"{train_dir} has one class folder ({self.classes[0]}): a classifier needs two or more "
+                             "(one folder per class: DIR/train/CLASS/*)")
         self.train_size = len(train_ds)
         self.local_batch = ddp.local_batch_size(cfg.batch_size, ctx)
         self.sampler = GlobalBatchSampler(train_ds, cfg.batch_size, ctx.world_size, ctx.rank, cfg.seed)
@@ -238,11 +244,22 @@ class ImageFolderSource:
         self._it = None
 
 
-def make_source(cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, data=None):
+def random_resized_transform(normalizer: Normalizer, crop: int, min_area: float, hflip: bool):
+    """Fine-tuning's training crops (not the paper): a random part of the image (``min_area`` to all of its area,
+    aspect 3/4 to 4/3) resized to ``crop`` x ``crop``, a horizontal flip if ``hflip``, then ``normalizer``."""
+    from torchvision.transforms import v2
+    steps = [v2.RandomResizedCrop(crop, scale=(min_area, 1.0), antialias=True)]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=False), normalizer])
+
+
+def make_source(cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, data=None, normalizer: Normalizer | None = None):
+    """The run's data; ``normalizer`` replaces the one computed from the data (fine-tuning: the weights')."""
     if cfg.dataset == "imagefolder":
         if data is not None:
             raise ValueError("data= is for CIFAR runs; ImageFolder runs read cfg.data")
-        return ImageFolderSource(cfg, rt, ctx)
+        return ImageFolderSource(cfg, rt, ctx, normalizer)
     if cfg.dataset not in ("cifar10", "cifar100"):
         raise ValueError(f"unknown dataset {cfg.dataset!r}; choose cifar10, cifar100 or imagefolder")
-    return CifarSource(cfg, rt, ctx, data)
+    return CifarSource(cfg, rt, ctx, data, normalizer)

@@ -1,0 +1,158 @@
+"""Fine-tuning (issue 16): ``resnets train --weights`` from torchvision-format weights served on 127.0.0.1, a new head
+for the user's classes, freeze, resume, predict with the user's class names, ONNX export; and the clear errors."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from resnets.cli import main as cli
+from resnets.models import registry
+from resnets.train import load_checkpoint, read_log
+
+CLASSES = ["cat", "dog", "newt"]
+
+
+def write_folder(root, classes=CLASSES, per_class=6, size=40, seed=0):
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for i, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for k in range(per_class if split == "train" else 2):
+                img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                img[..., i % 3] //= 4                   # something per class to learn
+                Image.fromarray(img).save(d / f"{k}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp("imgs"))
+
+
+@pytest.fixture
+def served_resnet18(tmp_path, monkeypatch):
+    """torchvision's resnet18 in torchvision's file format (random weights), served on 127.0.0.1; TORCH_HOME in
+    tmp_path. Yields the served state dict."""
+    root = tmp_path / "served"
+    root.mkdir()
+    torch.manual_seed(0)
+    sd = torchvision.models.resnet18().state_dict()
+    tmp = root / "upload.pth"
+    torch.save(sd, tmp)
+    name = f"resnet18-{hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]}.pth"   # torch.hub checks this prefix
+    tmp.rename(root / name)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv(registry.WEIGHTS_URL_ENV, f"http://127.0.0.1:{server.server_address[1]}/{name}")
+    try:
+        yield sd
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+FAST = ["--recipe", "finetune", "--dataset", "imagefolder", "--batch-size", "4", "--workers", "0", "--no-progress",
+        "--threads", "1", "--crop", "32", "--eval-resize", "36", "--log-every", "1"]
+
+
+def test_finetune_torchvision_weights_new_head_resume_predict_export(folder, served_resnet18, tmp_path, capsys):
+    out = tmp_path / "ft"
+    args = ["train", "--model", "resnet18", "--weights", "torchvision", "--data", str(folder), "--out", str(out),
+            *FAST, "--freeze", "layer3", "--checkpoint-every", "2", "--lr-schedule", "step", "--milestones", "3"]
+    assert cli([*args, "--steps", "2"]) == 0         # (a step schedule: the same lr whether 2 or 4 steps are planned)
+    assert cli([*args, "--steps", "4", "--resume", "auto"]) == 0
+    c = load_checkpoint(out / "checkpoints" / "step-00000004")
+    assert c.classes == CLASSES and c.model_kwargs["num_classes"] == 3 and c.weights["fc.weight"].shape == (3, 512)
+    # frozen up to layer3: exactly the served weights; layer4 and the new head trained
+    sd = served_resnet18
+    for k in ("conv1.weight", "layer1.0.conv1.weight", "layer3.1.bn2.running_mean", "layer3.1.conv2.weight"):
+        assert torch.equal(c.weights[k], sd[k]), k
+    assert not torch.equal(c.weights["layer4.1.conv2.weight"], sd["layer4.1.conv2.weight"])
+    # torchvision's preprocessing came along: ImageNet mean/std, in 0..255 units
+    assert c.preprocess["mode"] == "subtract-mean-255"
+    assert torch.allclose(c.preprocess["mean"].flatten(), torch.tensor([123.675, 116.28, 103.53], dtype=torch.float64))
+    events = [r["event"] for r in read_log(out / "log.jsonl") if r["split"] == "event"]
+    assert any("torchvision's resnet18 DEFAULT weights" in e and "new 3-class head" in e for e in events), events
+
+    # the resumed run ends where an unbroken one does
+    straight = tmp_path / "straight"
+    assert cli([*args[:args.index("--out")], "--out", str(straight), *args[args.index("--out") + 2:], "--steps", "4"]) == 0
+    s = load_checkpoint(straight / "checkpoints" / "step-00000004")
+    assert all(torch.equal(s.weights[k], c.weights[k]) for k in c.weights)
+
+    capsys.readouterr()
+    img = next((folder / "val" / "dog").iterdir())
+    assert cli(["predict", "--checkpoint", str(out / "checkpoints" / "step-00000004"), "--json", str(img)]) == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert {p["class"] for p in pred["predictions"][0]["top"]} == set(CLASSES)
+
+    onnx = tmp_path / "ft.onnx"
+    assert cli(["export", "--checkpoint", str(out / "checkpoints" / "step-00000004"), "--format", "onnx",
+                "--out", str(onnx)]) == 0
+    from resnets.export import read_metadata
+    meta = read_metadata(onnx)
+    assert meta["classes"] == CLASSES
+
+
+def test_finetune_shipped_cifar_weights_carries_their_preprocessing(folder, tmp_path):
+    out = tmp_path / "r20"
+    assert cli(["train", "--model", "resnet20", "--weights", "cifar10", "--data", str(folder), "--out", str(out),
+                *[a for a in FAST if a not in ("--crop", "32", "--eval-resize", "36")], "--steps", "2",
+                "--backbone-lr", "0.1"]) == 0
+    c = load_checkpoint(out / "checkpoints" / "step-00000002")
+    shipped = load_checkpoint(registry.pretrained.checked_path("resnet20", "cifar10"), with_state=False)
+    assert c.preprocess["mode"] == shipped.preprocess["mode"] == "pixel-mean"
+    assert torch.equal(c.preprocess["mean"], shipped.preprocess["mean"])       # (3, 32, 32): the crop is 32
+    assert json.loads((out / "config.json").read_text())["crop"] == 32
+    groups = c.state["optimizer"]["param_groups"]
+    assert sorted(g["lr_scale"] for g in groups) == [0.1, 1.0]
+
+
+@pytest.mark.parametrize("case", ["other-architecture", "num-classes", "one-class", "empty-class", "freeze-stage",
+                                  "freeze-without-weights"])
+def test_finetune_errors_are_clear_and_write_nothing(case, folder, tmp_path, capsys):
+    data, extra, model = folder, [], "resnet20"
+    if case == "other-architecture":         # our ResNet-20 checkpoint file, for a ResNet-32 run
+        extra = ["--weights", str(registry.pretrained.checked_path("resnet20", "cifar10"))]
+        model = "resnet32"
+    elif case == "num-classes":
+        extra = ["--num-classes", "5"]
+    elif case == "one-class":
+        data = write_folder(tmp_path / "one", classes=["only"])
+        extra = ["--weights", "cifar10"]
+    elif case == "empty-class":
+        data = write_folder(tmp_path / "empty")
+        for f in (data / "train" / "dog").iterdir():
+            f.unlink()
+        extra = ["--weights", "cifar10"]
+    elif case == "freeze-stage":
+        extra = ["--weights", "cifar10", "--freeze", "layer4"]
+    elif case == "freeze-without-weights":
+        extra = ["--freeze", "layer1"]
+    out = tmp_path / "out"
+    code = cli(["train", "--model", model, "--data", str(data), "--out", str(out), *FAST, "--steps", "2", *extra])
+    err = capsys.readouterr().err
+    assert code in (1, 2), err
+    assert "Traceback" not in err
+    expected = {"other-architecture": "are for resnet20, but this run trains resnet32",
+                "num-classes": "--num-classes 5, but the data has 3 classes",
+                "one-class": "one class", "empty-class": "dog", "freeze-stage": "has stem, layer1, layer2, layer3",
+                "freeze-without-weights": "needs --weights"}[case]
+    assert expected in err, err
+    assert not out.exists()
