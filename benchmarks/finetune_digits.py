@@ -10,8 +10,10 @@ The data: scikit-learn's ``digits`` (1,797 handwritten digits, 8x8 grey levels 0
 set, Alpaydin & Kaynak 1998), scaled to 0-255 and resized to 32x32 RGB. A fixed half of each class is the test set
 (DIR/val, 896 images); the training sets are the first 10 or 50 images per class of the other half (DIR-10, DIR-50),
 and the sweep's validation set is 20 more images per class of that half that no training set uses.
-Each arm trains for the same number of steps at the same batch size, so the budget is the same; the table reports
-the wall time of each too. Output: a markdown table on stdout and DIR/finetune.json.
+Every arm trains with the finetune recipe's budget (30 epochs of batch 32: 90 steps on 100 images, 450 on 500),
+so the budget is the same; the table reports the wall time of each too. The sweep (one seed, on sweep-10) picks
+each arm's lr (and the fine-tuned arm's backbone_lr, and every arm's smallest crop area); compare then runs the
+picked settings with 3 seeds on both training sets and evaluates on the test set. Output: a markdown table on stdout and DIR/finetune.json.
 """
 from __future__ import annotations
 
@@ -63,33 +65,34 @@ def prepare(root: Path) -> None:
     print(f"prepared {root}: {counts}")
 
 
-def run(data: Path, arm: str, seed: int, steps: int, lr: float, backbone_lr: float = 1.0) -> dict:
+def run(data: Path, arm: str, seed: int, lr: float, backbone_lr: float = 1.0, min_area: float = 0.08,
+        epochs: float | None = None) -> dict:
     from resnets.config import recipe
     from resnets.train import train
 
-    common = dict(model="resnet20", dataset="imagefolder", data=str(data), steps=steps, batch_size=32, seed=seed,
-                  progress=False, workers=0, threads=2, eval_every=steps, checkpoint_every=0, log_every=steps,
-                  out=str(data.parent / "runs" / f"{data.name}-{arm}-lr{lr}-b{backbone_lr}-s{seed}"), overwrite=True,
+    tag = f"{data.name}-{arm}-lr{lr}-b{backbone_lr}-a{min_area}-s{seed}"
+    common = dict(model="resnet20", dataset="imagefolder", data=str(data), seed=seed, progress=False, workers=0,
+                  threads=2, crop=32, eval_resize=32, lr=lr, crop_min_area=min_area, epochs=epochs,
+                  out=str(data.parent / "runs" / tag), overwrite=True,
                   hflip=False)        # a mirrored digit is another symbol (2, 5, 7...)
-    if arm == "scratch":
-        cfg = recipe("finetune", **common, lr=lr)
-    elif arm == "finetune":
-        cfg = recipe("finetune", **common, weights="cifar10", lr=lr, backbone_lr=backbone_lr)
+    if arm == "finetune":
+        common.update(weights="cifar10", backbone_lr=backbone_lr)
     elif arm == "linear-probe":
-        cfg = recipe("finetune", **common, weights="cifar10", lr=lr, freeze="backbone")
-    else:
+        common.update(weights="cifar10", freeze="backbone")
+    elif arm != "scratch":
         raise ValueError(arm)
+    cfg = recipe("finetune", **common)
     t = time.perf_counter()
     res = train(cfg)
-    return {"data": data.name, "arm": arm, "seed": seed, "steps": steps, "lr": lr, "backbone_lr": backbone_lr,
-            "error": res.final["error"], "seconds": time.perf_counter() - t, "loadavg": os.getloadavg()}
+    return {"data": data.name, "arm": arm, "seed": seed, "steps": res.step, "lr": lr, "backbone_lr": backbone_lr,
+            "min_area": min_area, "error": res.final["error"], "seconds": time.perf_counter() - t,
+            "loadavg": os.getloadavg()}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=["prepare", "sweep", "compare"])
     p.add_argument("root", type=Path)
-    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", type=int, default=3)
     args = p.parse_args()
     if args.what == "prepare":
@@ -102,33 +105,37 @@ def main() -> int:
         out.write_text(json.dumps(results, indent=1) + "\n")
 
     if args.what == "sweep":
-        grid = [("scratch", lr, 1.0) for lr in (0.03, 0.1, 0.3)]
-        grid += [("finetune", lr, b) for lr in (0.01, 0.03, 0.1) for b in (0.1, 1.0)]
-        grid += [("linear-probe", lr, 1.0) for lr in (0.03, 0.1, 0.3)]
-        for arm, lr, b in grid:
-            r = run(args.root / "sweep-10", arm, 0, args.steps, lr, b)
+        grid = [("scratch", lr, 1.0, a) for lr in (0.03, 0.1, 0.3) for a in (0.08, 0.35)]
+        grid += [("finetune", lr, b, a) for lr in (0.01, 0.03, 0.1) for b in (0.1, 1.0) for a in (0.08, 0.35)]
+        grid += [("linear-probe", lr, 1.0, 0.35) for lr in (0.03, 0.1, 0.3)]
+        done = {(r["arm"], r["lr"], r["backbone_lr"], r["min_area"]) for r in results["sweep"]}
+        for arm, lr, b, a in grid:
+            if (arm, lr, b, a) in done:
+                continue
+            r = run(args.root / "sweep-10", arm, 0, lr, b, a)
             results["sweep"].append(r)
             save()
-            print(f"| {arm} | lr {lr} | backbone x{b} | val error {r['error']:.2f}% | {r['seconds']:.0f} s |", flush=True)
+            print(f"| {arm} | lr {lr} | backbone x{b} | min area {a} | val error {r['error']:.2f}% | {r['steps']} steps "
+                  f"| {r['seconds']:.0f} s |", flush=True)
         return 0
-    best: dict[str, tuple[float, float]] = {}
+    best: dict[str, tuple[float, float, float]] = {}
     for arm in ("scratch", "finetune", "linear-probe"):
         rows = [r for r in results["sweep"] if r["arm"] == arm]
         if not rows:
             raise SystemExit("run the sweep first")
-        top = min(rows, key=lambda r: r["error"])
-        best[arm] = (top["lr"], top["backbone_lr"])
-    print("| training images | arm | lr (backbone x) | test error % (mean ± sd over seeds) | runs | s per run |\n"
-          "|---|---|---|---|---|---|")
+        top = min(rows, key=lambda r: (r["error"], r["lr"]))
+        best[arm] = (top["lr"], top["backbone_lr"], top["min_area"])
+    print("| training images | arm | lr (backbone x, min area) | test error % (mean ± sd over seeds) | steps | "
+          "s per run |\n|---|---|---|---|---|---|")
     for n in SIZES:
-        for arm, (lr, b) in best.items():
-            rs = [run(args.root / f"train-{n}", arm, s, args.steps, lr, b) for s in range(args.seeds)]
+        for arm, (lr, b, a) in best.items():
+            rs = [run(args.root / f"train-{n}", arm, s, lr, b, a) for s in range(args.seeds)]
             results["compare"] += rs
             save()
             errs = [r["error"] for r in rs]
             sd = statistics.stdev(errs) if len(errs) > 1 else 0.0
-            print(f"| {10 * n} | {arm} | {lr} (x{b}) | {statistics.mean(errs):.2f} ± {sd:.2f} "
-                  f"({', '.join(f'{e:.2f}' for e in errs)}) | {len(rs)} | "
+            print(f"| {10 * n} | {arm} | {lr} (x{b}, {a}) | {statistics.mean(errs):.2f} ± {sd:.2f} "
+                  f"({', '.join(f'{e:.2f}' for e in errs)}) | {rs[0]['steps']} | "
                   f"{statistics.mean(r['seconds'] for r in rs):.0f} |", flush=True)
     return 0
 

@@ -156,3 +156,17 @@ def test_finetune_errors_are_clear_and_write_nothing(case, folder, tmp_path, cap
                 "freeze-without-weights": "needs --weights"}[case]
     assert expected in err, err
     assert not out.exists()
+
+
+def test_the_head_is_replaced_unless_the_classes_are_the_weights_own():
+    from resnets.models import create_model
+    from resnets.train.finetune import fit_head
+
+    cifar = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    m = create_model("resnet20")
+    old = m.fc
+    assert not fit_head(m, cifar, cifar) and m.fc is old                  # the same classes: keep the head
+    assert fit_head(m, [str(d) for d in range(10)], cifar) and m.fc is not old   # ten other classes: a new one
+    m2 = create_model("resnet20", num_classes=3)
+    assert not fit_head(m2, ["a", "b", "c"], None)                         # names unknown, same size: keep
+    assert fit_head(m2, ["a", "b"], None) and m2.fc.out_features == 2

@@ -81,9 +81,12 @@ def _from_checkpoint(name: str, c: ck.Checkpoint, source: str, kwargs: dict) -> 
     return Initial(model, source, c.classes, norm, size)
 
 
-def fit_head(model: nn.Module, num_classes: int) -> bool:
-    """Replace ``model.fc`` by a new linear layer for ``num_classes`` when its size differs; True if replaced."""
-    if model.fc.out_features == num_classes:
+def fit_head(model: nn.Module, classes: list[str], weights_classes: list[str] | None) -> bool:
+    """Replace ``model.fc`` by a new linear layer for ``classes`` unless the weights were trained on exactly these
+    classes (same names, same order; or, names unknown, the same number). True if replaced."""
+    num_classes = len(classes)
+    same = classes == weights_classes if weights_classes is not None else model.fc.out_features == num_classes
+    if same and model.fc.out_features == num_classes:
         return False
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return True
@@ -146,7 +149,7 @@ def build_model(cfg, classes: list[str], initial: Initial | None, resume: ck.Che
     kwargs = {k: v for k, v in kwargs.items() if k != "num_classes"}
     note = None
     if initial is not None:
-        model, replaced = initial.model, fit_head(initial.model, n)
+        model, replaced = initial.model, fit_head(initial.model, classes, initial.classes)
     else:
         model, replaced = create_model(cfg.model, num_classes=n, **kwargs), False
     frozen = freeze(model, cfg.freeze) if cfg.freeze else None
