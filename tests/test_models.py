@@ -188,26 +188,19 @@ def test_list_models_has_the_paper_names():
     assert required <= names
 
 
-def test_bad_input_errors():
-    with pytest.raises(ValueError, match="did you mean resnet56"):
-        create_model("resnet65")
-    with pytest.raises(ValueError, match="6n\\+2"):
-        create_model("resnet20", depth=21)
-    with pytest.raises(ValueError, match="unknown shortcut option 'D'"):
-        create_model("resnet20", shortcut="D")
-    with pytest.raises(ValueError, match="unknown shortcut option 'D'"):
-        create_model("resnet50", shortcut="D")
-    with pytest.raises(ValueError, match="unknown stride_in '2x2'"):
-        create_model("resnet50", stride_in="2x2")
-    with pytest.raises(ValueError, match="bottleneck nets \\(depth >= 50\\) only"):
-        create_model("resnet18", stride_in="3x3")
-    with pytest.raises(ValueError, match="CIFAR ResNets use basic blocks"):
-        create_model("resnet20", stride_in="3x3")
-    with pytest.raises(ValueError, match="stride_in must be '3x3'"):
-        create_model("resnext29_8x64d", stride_in="1x1")
-    with pytest.raises(ValueError, match="expects input \\(N, 3, H, W\\)"):
-        create_model("resnet20")(torch.randn(1, 1, 32, 32))
-    with pytest.raises(ValueError, match="Table 1"):
-        create_model("resnet50", depth=42)
-    with pytest.raises(ValueError, match="unknown argument"):
-        create_model("resnet20", colour="blue")
+@pytest.mark.parametrize("make,message", [
+    (lambda: create_model("resnet65"), "did you mean resnet56"),
+    (lambda: create_model("resnet20", depth=21), "6n\\+2"),
+    (lambda: create_model("resnet20", shortcut="D"), "unknown shortcut option 'D'"),
+    (lambda: create_model("resnet50", shortcut="D"), "unknown shortcut option 'D'"),
+    (lambda: create_model("resnet50", stride_in="2x2"), "unknown stride_in '2x2'"),
+    (lambda: create_model("resnet18", stride_in="3x3"), "bottleneck nets \\(depth >= 50\\) only"),
+    (lambda: create_model("resnet20", stride_in="3x3"), "CIFAR ResNets use basic blocks"),
+    (lambda: create_model("resnext29_8x64d", stride_in="1x1"), "stride_in must be '3x3'"),
+    (lambda: create_model("resnet20")(torch.randn(1, 1, 32, 32)), "expects input \\(N, 3, H, W\\)"),
+    (lambda: create_model("resnet50", depth=42), "Table 1"),
+    (lambda: create_model("resnet20", colour="blue"), "unknown argument"),
+])
+def test_bad_input_errors(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
