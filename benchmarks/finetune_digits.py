@@ -72,7 +72,7 @@ def run(data: Path, arm: str, seed: int, lr: float, backbone_lr: float = 1.0, mi
 
     tag = f"{data.name}-{arm}-lr{lr}-b{backbone_lr}-a{min_area}-s{seed}"
     common = dict(model="resnet20", dataset="imagefolder", data=str(data), seed=seed, progress=False, workers=0,
-                  threads=2, crop=32, eval_resize=32, lr=lr, crop_min_area=min_area, epochs=epochs,
+                  threads=1, crop=32, eval_resize=32, lr=lr, crop_min_area=min_area, epochs=epochs,
                   out=str(data.parent / "runs" / tag), overwrite=True,
                   hflip=False)        # a mirrored digit is another symbol (2, 5, 7...)
     if arm == "finetune":
