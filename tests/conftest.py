@@ -72,3 +72,19 @@ def real_cifar(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("cifar10")
     subprocess.run([str(getter), str(dest)], check=True, capture_output=True)
     return dest
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The default run (`./run test`, `pytest` with no paths, -k or -m) must run tests: collecting none there means
+    the suite itself is broken (a bad testpaths, a marker filter that deselects everything), and `./run` would turn
+    pytest's exit code 5 into a pass. Make it a failure instead; a selection that matches nothing stays 5."""
+    cfg = session.config
+    source = getattr(pytest.Config, "ArgsSource", None)          # pytest >= 7.2
+    default = (source is not None and cfg.args_source == source.TESTPATHS and not cfg.option.keyword
+               and not cfg.option.markexpr)
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and default:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = cfg.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line("conftest: the default run collected no tests; that is a failure, not a pass",
+                                red=True)

@@ -12,8 +12,6 @@ import json
 import os
 import pickle
 import socket
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -423,7 +421,6 @@ def test_all_sources_fail_names_each(clean_env, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ real data
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 REAL_SHA256 = {  # from shared/data/README.md (uint8, C order)
     "train_images": "9d5c2eddadb0deff02c14c350c0385aab7b1d5ff1edfeb4997c8dc8644960111",
     "train_labels": "2b7cd2f24487317614016b72ffd53071c3062f592f0eb300c18a770d41ae1253",
@@ -433,22 +430,14 @@ REAL_SHA256 = {  # from shared/data/README.md (uint8, C order)
 
 
 @pytest.fixture(scope="session")
-def real_cifar10(tmp_path_factory):
-    env = os.environ.get("RESNETS_DATA")
-    if env:
-        try:
-            return load_cifar("cifar10", root=env, download=False)
-        except (DataNotFoundError, CorruptDataError):
-            pass
-    script = SHARED / "data" / "get-cifar10"
-    if not script.exists():
-        pytest.skip(f"no real CIFAR-10: RESNETS_DATA unset/invalid and {script} does not exist")
-    dest = tmp_path_factory.mktemp("real_cifar10")
-    proc = subprocess.run([str(script), str(dest)], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHON": sys.executable})
-    if proc.returncode != 0:
-        pytest.skip(f"get-cifar10 failed (offline?): {proc.stderr.strip()[-300:]}")
-    return load_cifar("cifar10", root=dest, download=False)
+def real_cifar10(real_cifar):
+    """The real CIFAR-10 found by conftest's ``real_cifar`` (RESNETS_DATA, RESNETS_CACHE, resnets' cache, else built
+    by ../shared/data/get-cifar10 into a temporary folder), loaded. `./run test` stages it into the cache first, so
+    this no longer rebuilds it from the npm package on every run; the checksums below are checked all the same."""
+    try:
+        return load_cifar("cifar10", root=str(real_cifar), download=False)
+    except (DataNotFoundError, CorruptDataError) as e:
+        pytest.fail(f"real CIFAR-10 at {real_cifar} does not load: {e}")
 
 
 @pytest.mark.realdata

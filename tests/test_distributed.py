@@ -2,6 +2,7 @@
 exact resume under DDP, and the pieces (batch split, sampler, SyncBN on the CPU) on their own."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -116,14 +117,21 @@ def test_two_ranks_equal_one_process_rank0_writes_and_resume_is_exact(tiny_cifar
     l_ddp = [x["loss"] for x in log if x["split"] == "train"]
     assert l_one == pytest.approx(l_ddp, rel=1e-4)   # the log shows the global batch's loss
 
-    # stop after 2 steps, resume under DDP to 4: bit-identical to the unbroken run
-    torchrun(cli_args(tiny_cifar, tmp_path / "resumed", 2, 2, "--sync-bn"))
-    torchrun(cli_args(tiny_cifar, tmp_path / "resumed", 4, 2, "--sync-bn", "--resume", "auto"))
+    # the unbroken run's directory cut back to step 2 (checkpoints 3, 4, best and the summary removed; its log
+    # lines past step 2 left for the resume to drop), resumed under DDP to 4: bit-identical to the unbroken run,
+    # the log written again from step 3. One launch: until issue 14 a 2-step run was launched and then extended
+    # to 4 steps, a third torchrun start (extending a finished run: tests/test_rundir.py, resume tests).
+    shutil.copytree(tmp_path / "ddp", tmp_path / "resumed")
+    for name in ("step-00000003", "step-00000004", "best"):
+        shutil.rmtree(tmp_path / "resumed/checkpoints" / name)
+    (tmp_path / "resumed/summary.json").unlink()
+    torchrun(cli_args(tiny_cifar, tmp_path / "resumed", 4, 1, "--sync-bn", "--resume", "auto"))
     a, b = weights(tmp_path / "ddp/checkpoints/step-00000004"), weights(tmp_path / "resumed/checkpoints/step-00000004")
     assert all(torch.equal(a[k], b[k]) for k in a)
     strip = [{k: v for k, v in x.items() if k not in ("img_per_s", "elapsed_s")} for x in log]
     assert strip == [{k: v for k, v in x.items() if k not in ("img_per_s", "elapsed_s")}
                      for x in read_log(tmp_path / "resumed/log.jsonl")]
+    assert json.loads((tmp_path / "resumed/summary.json").read_text())["world_size"] == 2
 
 
 _F64_SCRIPT = r"""

@@ -1,8 +1,6 @@
 """The trained weights that ship in the package (docs/models.md): they load, pass the hash check, reproduce their
 recorded errors, and a damaged or missing file is a clear error."""
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -78,24 +76,25 @@ def test_damaged_or_missing_file_is_refused(tmp_path, monkeypatch):
         resnets.create_model("resnet20", weights="cifar10")
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "resnets.cli", *args], capture_output=True, text=True)
-
-
 @pytest.mark.realdata
-def test_cli_evaluate_and_predict_with_shipped_weights(real_cifar, tmp_path):
-    r = _cli("evaluate", "--model", "resnet20", "--weights", "cifar10", "--data", str(real_cifar), "--subset", "1000",
-             "--device", "cpu", "--no-progress")
-    assert r.returncode == 0, r.stderr
-    wrong = round(float(r.stdout.split("top-1 error ")[1].split("%")[0]) * 10)
+def test_cli_evaluate_and_predict_with_shipped_weights(real_cifar, tmp_path, capsys):
+    # in-process: `resnets` is cli.main; a new interpreter per command would prove nothing more here
+    from resnets.cli import main
+    assert main(["evaluate", "--model", "resnet20", "--weights", "cifar10", "--data", str(real_cifar), "--subset",
+                 "1000", "--device", "cpu", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    wrong = round(float(out.split("top-1 error ")[1].split("%")[0]) * 10)
     assert abs(wrong - pretrained.resolve("resnet20", "cifar10").errors_first_1000) <= 2
     from PIL import Image
     cifar = load_cifar("cifar10", root=str(real_cifar), progress=False)
     img = tmp_path / "ship.png"
     i = int(np.flatnonzero(cifar.test_labels == 8)[0])            # a ship
     Image.fromarray(cifar.test_images[i].transpose(1, 2, 0)).save(img)
-    r = _cli("predict", "--model", "resnet20", "--weights", "cifar10", str(img), "--json")
-    assert r.returncode == 0, r.stderr
-    assert '"ship"' in r.stdout
-    r = _cli("evaluate", "--model", "resnet20")
-    assert r.returncode != 0 and "--weights" in r.stderr and "Traceback" not in r.stderr
+    assert main(["predict", "--model", "resnet20", "--weights", "cifar10", str(img), "--json"]) == 0
+    assert '"ship"' in capsys.readouterr().out
+    try:
+        code = main(["evaluate", "--model", "resnet20"])
+    except SystemExit as e:                                       # argparse's own errors exit 2
+        code = e.code
+    err = capsys.readouterr().err
+    assert code != 0 and "--weights" in err and "Traceback" not in err

@@ -27,6 +27,13 @@ def train_cmd(data, out, steps=36, *extra):
             "--no-progress", "--threads", "1", "--no-warmup", *extra]
 
 
+def cli_train(data, out, steps=36, *extra):
+    """The same ``resnets train`` in this process (cli.main; its exit code): where the process boundary is not
+    what a test is about, a new interpreter per run proves nothing more and costs seconds."""
+    from resnets.cli import main
+    return main(train_cmd(data, out, steps, *extra)[3:])
+
+
 def final_weights(out, steps=36):
     return load_checkpoint(Path(out) / f"checkpoints/step-{steps:08d}", with_state=False).weights
 
@@ -42,10 +49,25 @@ def last_logged_step(out):
         return 0  # not written yet, or a line being written right now
 
 
+# A Python that has imported torch and resnets and waits for its job on stdin, then runs `resnets train` (cli.main)
+# as `python -m resnets.cli` would. The kill test below starts the next one while the current one trains, so the
+# ~2-3 s import of each of its 5 processes overlaps the run before it instead of adding to the test's time.
+_WARM = r"""
+import json, sys
+from resnets.cli import main
+import resnets.train.loop
+job = json.loads(sys.stdin.readline() or "null")
+if job is None:
+    sys.exit(0)
+exec(job["prelude"])
+sys.exit(main(job["argv"]))
+"""
+
+# prelude of the first kill: block inside the checkpoint write of step >= LIMIT, before its rename into place
 _MID_CHECKPOINT = r"""
-import sys, time, pathlib, runpy
+import time, pathlib
 import resnets.train.checkpoint as ck
-marker, limit = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+marker, limit = pathlib.Path(MARKER), LIMIT
 real = ck.torch.save
 def slow(obj, f, *a, **k):
     real(obj, f, *a, **k)
@@ -53,48 +75,64 @@ def slow(obj, f, *a, **k):
         marker.write_text("in checkpoint")
         time.sleep(300)
 ck.torch.save = slow
-sys.argv = ["resnets"] + sys.argv[3:]
-from resnets.cli import main
-sys.exit(main())
 """
+
+
+def _warm():
+    return subprocess.Popen([sys.executable, "-c", _WARM], env=ENV, stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+
+
+def _go(p, argv, prelude=""):
+    p.stdin.write(json.dumps({"argv": argv, "prelude": prelude}) + "\n")
+    p.stdin.close()
+    return p
 
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tiny_cifar, tmp_path):
     """Promise 1: killed with SIGKILL at random moments (one of them inside a checkpoint write), resumed each
     time, the run ends with the same weights and losses, bit for bit, as one that was never interrupted."""
-    ref = tmp_path / "unbroken"
-    subprocess.run(train_cmd(tiny_cifar, ref), check=True, env=ENV, capture_output=True)
-    run = tmp_path / "killed"
-    rng = random.Random(1234)
-    kills = []
-    # one kill inside a checkpoint write, before the directory is renamed into place
-    marker = tmp_path / "marker"
-    p = subprocess.Popen([sys.executable, "-c", _MID_CHECKPOINT, str(marker), "9", *train_cmd(tiny_cifar, run)[3:]],
-                         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not marker.exists():
-        assert p.poll() is None and time.time() < deadline
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    kills.append(("mid-checkpoint", 9))
-    assert [c.name for c in sorted((run / "checkpoints").glob("step-*"))] == ["step-00000003", "step-00000006"]
-    # then kills at random moments: after a random number of further logged steps plus a random delay
-    for _ in range(4):
-        start = last_logged_step(run)
-        p = subprocess.Popen(train_cmd(tiny_cifar, run), env=ENV, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-        target = start + rng.randint(2, 6)
-        while last_logged_step(run) < target and p.poll() is None:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.1))
-        if p.poll() is not None:
-            break
+    procs = [_warm()]                              # imports while the reference trains here
+    try:
+        ref = tmp_path / "unbroken"
+        assert cli_train(tiny_cifar, ref) == 0     # in this process: the same computation, bit for bit
+        run = tmp_path / "killed"
+        rng = random.Random(1234)
+        kills = []
+        # one kill inside a checkpoint write, before the directory is renamed into place
+        marker = tmp_path / "marker"
+        p = _go(procs[-1], train_cmd(tiny_cifar, run)[3:],
+                _MID_CHECKPOINT.replace("MARKER", repr(str(marker))).replace("LIMIT", "9"))
+        procs.append(_warm())
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert p.poll() is None and time.time() < deadline
+            time.sleep(0.02)
         p.send_signal(signal.SIGKILL)
         p.wait()
-        kills.append(("random", last_logged_step(run)))
-    subprocess.run(train_cmd(tiny_cifar, run), check=True, env=ENV, capture_output=True)
+        kills.append(("mid-checkpoint", 9))
+        assert [c.name for c in sorted((run / "checkpoints").glob("step-*"))] == ["step-00000003", "step-00000006"]
+        # then kills at random moments: after a random number of further logged steps plus a random delay
+        for _ in range(4):
+            start = last_logged_step(run)
+            p = _go(procs[-1], train_cmd(tiny_cifar, run)[3:])
+            procs.append(_warm())
+            target = start + rng.randint(2, 6)
+            while last_logged_step(run) < target and p.poll() is None:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.1))
+            if p.poll() is not None:
+                break
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills.append(("random", last_logged_step(run)))
+    finally:
+        for q in procs:
+            if q.poll() is None:
+                q.kill()
+                q.wait()
+    assert cli_train(tiny_cifar, run) == 0          # the last resume, to the end
     print("kills survived:", kills)
     assert len(kills) >= 4
     a, b = final_weights(ref), final_weights(run)
@@ -111,17 +149,18 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     return r.returncode == 0
 
 
-def test_disk_full_while_checkpointing(tiny_cifar, tmp_path):
+def test_disk_full_while_checkpointing(tiny_cifar, tmp_path, capsys):
     """Promise 2: on a full disk the run stops with a clear error and the previous checkpoint stays intact."""
     disk = tmp_path / "small-disk"
     # one checkpoint of this net is about 0.65 MB: the first fits, the second (written beside it) does not
     if not _mount_tmpfs(disk, "1000k"):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
-        r = subprocess.run(train_cmd(tiny_cifar, disk / "run"), env=ENV, capture_output=True, text=True)
-        assert r.returncode == 1, r.stderr
-        assert "No space left on device" in r.stderr and "previous checkpoint is untouched" in r.stderr
-        assert "Traceback" not in r.stderr
+        code = cli_train(tiny_cifar, disk / "run")
+        err = capsys.readouterr().err
+        assert code == 1, err
+        assert "No space left on device" in err and "previous checkpoint is untouched" in err
+        assert "Traceback" not in err
         kept = sorted(p.name for p in (disk / "run/checkpoints").iterdir())
         assert kept == ["step-00000003"]
         c = load_checkpoint(disk / "run/checkpoints/step-00000003")
@@ -136,13 +175,14 @@ def _tree_digest(path: Path) -> dict:
             for p in sorted(path.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
-def test_truncated_data_batch_names_the_file(tmp_path):
+def test_truncated_data_batch_names_the_file(tmp_path, capsys):
     from conftest import write_fake_cifar10
     folder = write_fake_cifar10(tmp_path / "data")
     victim = folder / "data_batch_4"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    r = subprocess.run(train_cmd(tmp_path / "data", tmp_path / "run"), env=ENV, capture_output=True, text=True)
-    assert r.returncode == 1 and str(victim) in r.stderr and "Traceback" not in r.stderr
+    code = cli_train(tmp_path / "data", tmp_path / "run")
+    err = capsys.readouterr().err
+    assert code == 1 and str(victim) in err and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()   # nothing was written for a run that could not start
 
 
@@ -188,9 +228,9 @@ def test_corrupt_config_files_name_the_file(tiny_cifar, tmp_path, capsys):
     assert code == 2 and "none-such: no such checkpoint" in capsys.readouterr().err
 
 
-def test_corrupt_checkpoints_name_the_file_and_overwrite_nothing(tiny_cifar, tmp_path):
+def test_corrupt_checkpoints_name_the_file_and_overwrite_nothing(tiny_cifar, tmp_path, capsys):
     run = tmp_path / "run"
-    subprocess.run(train_cmd(tiny_cifar, run, 6), check=True, env=ENV, capture_output=True)
+    assert cli_train(tiny_cifar, run, 6) == 0
     newest = run / "checkpoints/step-00000006"
     for what, damage in [("truncated", lambda b: b[: len(b) // 3]),
                          ("bit-flipped", lambda b: b[:-100] + bytes([b[-100] ^ 0x10]) + b[-99:])]:
@@ -199,9 +239,11 @@ def test_corrupt_checkpoints_name_the_file_and_overwrite_nothing(tiny_cifar, tmp
         f = tmp_path / "copy/checkpoints/step-00000006/model.safetensors"
         f.write_bytes(damage(f.read_bytes()))
         before = _tree_digest(tmp_path / "copy")
-        r = subprocess.run(train_cmd(tiny_cifar, tmp_path / "copy", 12), env=ENV, capture_output=True, text=True)
-        assert r.returncode == 1, (what, r.stderr)
-        assert str(f) in r.stderr and "Traceback" not in r.stderr, (what, r.stderr)
+        capsys.readouterr()
+        code = cli_train(tiny_cifar, tmp_path / "copy", 12)
+        err = capsys.readouterr().err
+        assert code == 1, (what, err)
+        assert str(f) in err and "Traceback" not in err, (what, err)
         assert _tree_digest(tmp_path / "copy") == before, what
         with pytest.raises(CheckpointError, match="model.safetensors"):
             load_checkpoint(f.parent)

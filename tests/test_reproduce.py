@@ -1,7 +1,5 @@
 """The experiment runner on a tiny generated data set: results files and figures, numbers equal to the runs' logs."""
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,17 +11,21 @@ from resnets.experiments.responses import response_layers
 from resnets.models import create_model
 from resnets.train import read_log
 
-REPO = Path(__file__).resolve().parents[1]
-
 TINY = Preset("tiny", depths=(8, 14), nets=("plain", "resnet"), seeds=2,
               config=recipe("cifar-paper", steps=12, milestones=(10**9,), batch_size=32, eval_every=6, log_every=4,
                             checkpoint_every=12, keep_last=1, warmup_lr=None, threads=1),
               note="tiny test preset", response_subset=50)
 
 
-def test_runner_writes_results_and_figures(tiny_cifar, tmp_path):
-    out = tmp_path / "exp"
-    res = run_experiment(TINY, out=out, data=str(tiny_cifar), progress=False)
+@pytest.fixture(scope="module")
+def tiny_experiment(tiny_cifar, tmp_path_factory):
+    """The TINY preset run once (8 runs): its results and its directory, for the tests below."""
+    out = tmp_path_factory.mktemp("exp") / "exp"
+    return out, run_experiment(TINY, out=out, data=str(tiny_cifar), progress=False)
+
+
+def test_runner_writes_results_and_figures(tiny_cifar, tiny_experiment):
+    out, res = tiny_experiment
     for f in ("results.json", "results.md", "fig6.png", "fig7.png", "fig7.json"):
         assert (out / f).stat().st_size > 0, f
     saved = json.loads((out / "results.json").read_text())
@@ -70,18 +72,17 @@ def test_response_layers_are_the_3x3_bns():
     assert len(layers) == 18 and layers[0][0] == "layer1.0.bn1" and layers[-1][0] == "layer3.2.bn2"
 
 
-def test_cli_analyze_responses(tiny_cifar, tmp_path):
-    run_experiment(replace(TINY, depths=(8,), seeds=1), out=tmp_path / "e", data=str(tiny_cifar), progress=False,
-                   responses=False)
-    ck = sorted((tmp_path / "e/runs").glob("*/checkpoints/step-*"))
+def test_cli_analyze_responses(tiny_cifar, tiny_experiment, tmp_path, capsys):
+    ck = sorted((tiny_experiment[0] / "runs").glob("*8-seed0/checkpoints/step-*"))   # plain-8 and ResNet-8
     assert len(ck) == 2
-    args = [sys.executable, "-m", "resnets.cli", "analyze", "responses", "--data", str(tiny_cifar), "--out",
-            str(tmp_path / "f7.png")]
+    from resnets.cli import main                # in-process: a new interpreter would prove nothing more
+    args = ["analyze", "responses", "--data", str(tiny_cifar), "--out", str(tmp_path / "f7.png")]
     for c in ck:
         args += ["--checkpoint", str(c)]
-    r = subprocess.run(args, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin"})
-    assert r.returncode == 0, r.stderr
-    assert "plain-8" in r.stdout and "ResNet-8" in r.stdout
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "plain-8" in out and "ResNet-8" in out
     data = json.loads((tmp_path / "f7.json").read_text())
     assert len(data) == 2 and all(len(d["std"]) == 6 and min(d["std"]) > 0 for d in data)
 

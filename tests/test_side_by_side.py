@@ -47,42 +47,71 @@ def assert_same_run(a: Path, b: Path) -> None:
             assert wa.state[k] == wb.state[k]
 
 
-def test_side_by_side_is_bit_identical_to_alone(tiny_cifar, tmp_path):
+STEPS = 32
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_cifar, tmp_path_factory):
+    """The three runs trained alone, one after another: the reference of both tests below."""
+    return [train(c) for c in cfgs(tiny_cifar, tmp_path_factory.mktemp("alone"), steps=STEPS)]
+
+
+def test_side_by_side_is_bit_identical_to_alone(tiny_cifar, alone, tmp_path):
     data = load_cifar("cifar10", root=str(tiny_cifar), progress=False)
-    alone = [train(c, data=data) for c in cfgs(tiny_cifar, tmp_path / "alone")]
     seen: dict[str, int] = {}
 
     def on_log(cfg, record):
         seen[Path(cfg.out).name] = seen.get(Path(cfg.out).name, 0) + 1
 
-    together = train_side_by_side(cfgs(tiny_cifar, tmp_path / "together"), data=data, on_log=on_log)
-    assert [r.step for r in together] == [24, 24, 16]
+    together = train_side_by_side(cfgs(tiny_cifar, tmp_path / "together", steps=STEPS), data=data, on_log=on_log)
+    assert [r.step for r in together] == [32, 32, 24]
     for a, t in zip(alone, together):
         assert a.final == {**t.final, "elapsed_s": a.final["elapsed_s"]}
         assert a.best == t.best and a.train_error == t.train_error and a.train_loss == t.train_loss
         assert_same_run(Path(a.out), Path(t.out))
-    assert seen == {"r8": 9, "p8": 9, "r14": 6}      # train and eval records, reported per run
+    assert seen == {"r8": 12, "p8": 12, "r14": 9}    # train and eval records, reported per run
 
 
 _KILL = r"""
-import sys, pathlib
+import json, pathlib, sys, time
 sys.path.insert(0, sys.argv[3])
 from test_side_by_side import cfgs
-from resnets.train.side_by_side import train_side_by_side
-root = pathlib.Path(sys.argv[2])
-train_side_by_side([c.__class__(**{**c.to_dict(), "milestones": tuple(c.milestones), "resume": "auto"})
-                    for c in cfgs(sys.argv[1], root, steps=int(sys.argv[4]))])
+import resnets.train.side_by_side as sbs
+root, hold = pathlib.Path(sys.argv[2]), int(sys.argv[5])
+
+def logged(name):
+    try:
+        return max(r["step"] for r in map(json.loads, (root / name / "log.jsonl").read_text().splitlines())
+                   if r["split"] == "train")
+    except (FileNotFoundError, ValueError):
+        return 0
+
+real_advance = sbs._advance
+def advance(run, is_cuda):      # once every run has logged step `hold`, wait here for the SIGKILL
+    out = real_advance(run, is_cuda)
+    if all(logged(n) >= hold for n in ("r8", "p8", "r14")):
+        (root / "marker").write_text("now")
+        time.sleep(300)
+    return out
+sbs._advance = advance
+sbs.train_side_by_side([c.__class__(**{**c.to_dict(), "milestones": tuple(c.milestones), "resume": "auto"})
+                        for c in cfgs(sys.argv[1], root, steps=int(sys.argv[4]))])
 """
 
 
-def test_kill_9_then_resume_side_by_side_is_bit_identical(tiny_cifar, tmp_path):
-    alone = [train(c) for c in cfgs(tiny_cifar, tmp_path / "alone", steps=80)]
+def test_kill_9_then_resume_side_by_side_is_bit_identical(tiny_cifar, alone, tmp_path):
+    """kill -9 of the process that trains three runs side by side, once every run has written its checkpoint
+    at step 16 and logged step 20 (so each loses the steps since its checkpoint and has log lines past it), then
+    one resume of all three: each ends bit-identical to the same run trained alone. The child holds still at that
+    point until the kill (it used to be killed by polling while it ran on, which needed 80-step runs so that a
+    loaded machine could not finish first)."""
     root = tmp_path / "together"
-    proc = subprocess.Popen([sys.executable, "-c", _KILL, str(tiny_cifar), str(root), str(REPO / "tests"), "80"])
+    root.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", _KILL, str(tiny_cifar), str(root), str(REPO / "tests"),
+                             str(STEPS), "20"])
     try:
         deadline = time.time() + 240
-        # kill once every run has a checkpoint past its first, mid-run for all three
-        while not all(len(list((root / n / "checkpoints").glob("step-*"))) >= 2 for n in ("r8", "p8", "r14")):
+        while not (root / "marker").exists():
             assert proc.poll() is None, "side-by-side training ended before it could be killed"
             assert time.time() < deadline
             time.sleep(0.02)
@@ -91,9 +120,12 @@ def test_kill_9_then_resume_side_by_side_is_bit_identical(tiny_cifar, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not (root / "r8" / "summary.json").exists(), "killed too late to test a resume"
+    (root / "marker").unlink()
+    for n in ("r8", "p8", "r14"):
+        assert sorted(p.name for p in (root / n / "checkpoints").glob("step-*"))[-1] == "step-00000016", n
+        assert not (root / n / "summary.json").exists(), "killed too late to test a resume"
     resumed = train_side_by_side([c.__class__(**{**c.to_dict(), "milestones": tuple(c.milestones), "resume": "auto"})
-                                  for c in cfgs(tiny_cifar, root, steps=80)])
+                                  for c in cfgs(tiny_cifar, root, steps=STEPS)])
     for a, t in zip(alone, resumed):
         assert a.step == t.step
         assert_same_run(Path(a.out), Path(t.out))

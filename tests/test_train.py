@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,8 +18,6 @@ from resnets.train import CheckpointError, NonFiniteLossError, load_checkpoint, 
 from resnets.train.schedule import learning_rate, resolve_warmup
 
 from conftest import twin_nets
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_cfg(data, out, **kw) -> TrainConfig:
@@ -183,25 +180,26 @@ def test_warmup_switches_back_to_base_lr(tiny_cifar, tmp_path):
     assert set(lrs[:k]) == {0.01} and set(lrs[k:]) == {0.1}
 
 
-def test_cli_train_and_evaluate(tiny_cifar, tmp_path):
+def test_cli_train_and_evaluate(tiny_cifar, tmp_path, capsys, monkeypatch):
+    # in-process: `resnets` is cli.main; the process boundary (exit codes of `python -m resnets.cli`, signals) is
+    # tested in tests/test_rundir.py and tests/test_reliability.py
+    from resnets.cli import main
     out = tmp_path / "cli"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "resnets.cli", "train", "--model", "plain20", "--depth", "8",
-                        "--data", str(tiny_cifar), "--steps", "10", "--batch-size", "32", "--out", str(out),
-                        "--no-progress", "--threads", "1"], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
-    assert "plain20: 10 steps" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "resnets.cli", "evaluate", "--checkpoint",
-                        str(out / "checkpoints/step-00000010"), "--data", str(tiny_cifar), "--no-progress"],
-                       capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
-    assert "on 100 test images: top-1 error" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "resnets.cli", "train", "--data", str(tmp_path / "nothing"),
-                        "--steps", "1", "--out", str(tmp_path / "x"), "--no-progress"], capture_output=True,
-                       text=True, env={**env, "RESNETS_CACHE": str(tmp_path / "cache"),
-                                       "RESNETS_CIFAR_URL": "http://127.0.0.1:9/cifar.tar.gz", "PATH": "/nonexistent"})
-    assert r.returncode == 1
-    assert "error:" in r.stderr and str(tmp_path / "nothing") in r.stderr
+    assert main(["train", "--model", "plain20", "--depth", "8", "--data", str(tiny_cifar), "--steps", "10",
+                 "--batch-size", "32", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    assert "plain20: 10 steps" in capsys.readouterr().out
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoints/step-00000010"), "--data", str(tiny_cifar),
+                 "--no-progress"]) == 0
+    assert "on 100 test images: top-1 error" in capsys.readouterr().out
+    # an explicit --data that holds nothing: an error naming it, never the cache, a download or the npm mirror
+    monkeypatch.setenv("RESNETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RESNETS_CIFAR_URL", "http://127.0.0.1:9/cifar.tar.gz")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert main(["train", "--data", str(tmp_path / "nothing"), "--steps", "1", "--out", str(tmp_path / "x"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and str(tmp_path / "nothing") in err
+    assert not (tmp_path / "cache").exists()
 
 
 def test_static_step_matches_eager_step():
@@ -246,13 +244,17 @@ def test_graph_falls_back_on_cpu(tiny_cifar, tmp_path):
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_resnet20_learns_real_cifar10_in_150_steps(real_cifar, tmp_path):
-    """ResNet-20 learns on the real data: 150 steps at batch 128 on the CPU (45 s here) bring the error on the first
-    2,000 test images below 75% (chance is 90%; measured 64.25%). A converged net's exact accuracy is checked by
-    tests/test_pretrained.py with the shipped weights; this was a 400-step test (190 s) before."""
-    res = train(recipe("cifar-paper", model="resnet20", data=str(real_cifar), steps=150, out=str(tmp_path / "r20"),
-                       eval_every=150, eval_subset=2000, checkpoint_every=0, log_every=50, progress=False))
+def test_cifar_resnet_learns_real_cifar10_in_150_steps(real_cifar, tmp_path):
+    """A CIFAR ResNet learns on the real data: 150 steps of the paper's recipe bring the error on the first 2,000
+    test images below 75% (chance is 90%), so the real-data path (loading, pixel-mean normalisation, on-device
+    augmentation, the loop, evaluation) trains a network. The net is the 8-layer member of the ResNet-20 family
+    (n=1) at batch 64 on one thread: about 16 s on the 2-core CPU, measured 63.75% (ResNet-20 at batch 128, this
+    test until issue 14, took 45-78 s for 64.25%). A converged net's exact accuracy is checked by
+    tests/test_pretrained.py with the shipped weights."""
+    res = train(recipe("cifar-paper", model="resnet20", model_kwargs={"depth": 8}, data=str(real_cifar), steps=150,
+                       batch_size=64, threads=1, out=str(tmp_path / "r8"), eval_every=150, eval_subset=2000,
+                       checkpoint_every=0, log_every=50, progress=False))
     assert res.final["n"] == 2000
-    print(f"ResNet-20, 150 steps: test error {res.final['error']:.2f}% (first 2000), train error "
+    print(f"ResNet-8, 150 steps at batch 64: test error {res.final['error']:.2f}% (first 2000), train error "
           f"{res.train_error:.2f}%, {res.seconds:.0f} s")
     assert res.final["error"] < 75.0
