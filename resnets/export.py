@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .models import create_model, from_torchvision, get_spec, pretrained
+from .models.registry import torchvision_weights_entry
 from .train import checkpoint as ck
 
 FORMATS = ("onnx", "torchscript")
@@ -121,9 +122,7 @@ def _from_checkpoint(c: ck.Checkpoint, net: nn.Module) -> ExportSource:
 
 
 def _torchvision_source(net: nn.Module, model: str, weights: str) -> ExportSource:
-    from torchvision.models import get_model_weights
-
-    entry = get_model_weights(model)[weights.split(":", 1)[1] if ":" in weights else "DEFAULT"]
+    entry = torchvision_weights_entry(model, weights)
     t = entry.transforms()
     preprocess = {"mode": "channel", "mean": torch.tensor(t.mean, dtype=torch.float64),
                   "std": torch.tensor(t.std, dtype=torch.float64)}

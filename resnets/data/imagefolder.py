@@ -60,6 +60,7 @@ __all__ = [
     "PCALighting",
     "imagenet_normalizer",
     "paper_train_transform",
+    "random_resized_transform",
     "standard_eval_transform",
     "ten_crop_views",
     "ten_crop_predict",
@@ -387,6 +388,15 @@ def paper_train_transform(normalizer: Normalizer | None = None, *, min_size: int
         PCALighting(alphastd, max_value=255.0),
         imagenet_normalizer() if normalizer is None else normalizer,
     ])
+
+
+def random_resized_transform(normalizer: Normalizer, crop: int, min_area: float, hflip: bool):
+    """Fine-tuning's training crops (not the paper): a random part of the image (``min_area`` to all of its area,
+    aspect 3/4 to 4/3) resized to ``crop`` x ``crop``, a horizontal flip if ``hflip``, then ``normalizer``."""
+    steps = [v2.RandomResizedCrop(crop, scale=(min_area, 1.0), antialias=True)]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=False), normalizer])
 
 
 def standard_eval_transform(resize: int = 256, crop: int = 224, normalizer: Normalizer | None = None) -> v2.Compose:

@@ -119,20 +119,28 @@ class WeightsDownloadError(RuntimeError):
     """Published weights could not be fetched (no network, a bad URL, a corrupt download); says what to do."""
 
 
-def torchvision_weights_url(name: str, tag: str | None = None, base_url: str | None = None) -> str:
-    """The URL of torchvision's published weights for ``name`` (``tag``: e.g. "IMAGENET1K_V1"; default: torchvision's
-    DEFAULT). ``base_url`` (or env RESNETS_WEIGHTS_URL) replaces torchvision's download location: a folder URL gets
-    torchvision's file name appended; a URL of a ``.pth`` file is used as it is."""
+def torchvision_weights_entry(name: str, tag: str | None = None):
+    """torchvision's weights enum entry for ``name`` (``tag``: e.g. "IMAGENET1K_V1"; None, "" or "DEFAULT": its
+    default; "torchvision:TAG" is read as TAG): url, ``meta["categories"]``, ``transforms()``."""
     if name not in TORCHVISION_WEIGHTS:
         raise ValueError(f"torchvision publishes no weights for {name!r}; it has weights for "
                          f"{', '.join(TORCHVISION_WEIGHTS)} (CIFAR and plain nets must be trained: `resnets train`)")
     from torchvision.models import get_model_weights
 
+    if tag is not None and tag.split(":", 1)[0] == "torchvision":
+        tag = tag.split(":", 1)[1] if ":" in tag else None
     enum = get_model_weights(name)
     try:
-        entry = enum.DEFAULT if tag in (None, "", "DEFAULT") else enum[tag]
+        return enum.DEFAULT if tag in (None, "", "DEFAULT") else enum[tag]
     except KeyError:
         raise ValueError(f"torchvision has no {tag!r} weights for {name}; it has {[e.name for e in enum]}") from None
+
+
+def torchvision_weights_url(name: str, tag: str | None = None, base_url: str | None = None) -> str:
+    """The URL of torchvision's published weights for ``name`` (``tag``: e.g. "IMAGENET1K_V1"; default: torchvision's
+    DEFAULT). ``base_url`` (or env RESNETS_WEIGHTS_URL) replaces torchvision's download location: a folder URL gets
+    torchvision's file name appended; a URL of a ``.pth`` file is used as it is."""
+    entry = torchvision_weights_entry(name, tag)
     base_url = base_url or os.environ.get(WEIGHTS_URL_ENV) or None
     if not base_url:
         return entry.url

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data import Normalizer
 from ..models import create_model
+from ..models.registry import torchvision_weights_entry
 from ..models import pretrained as shipped
 from . import checkpoint as ck
 
@@ -40,11 +41,10 @@ def load_initial(name: str, weights: str, model_kwargs: dict) -> Initial:
     resnets checkpoint, or a weights file), and what they bring. Raises ValueError for another architecture."""
     kwargs = {k: v for k, v in model_kwargs.items() if k != "num_classes"}
     if weights.split(":", 1)[0] == "torchvision":
-        from torchvision.models import get_model_weights
         from ..data.imagefolder import IMAGENET_MEAN_255, IMAGENET_STD_255
         model = create_model(name, weights=weights, **kwargs)
+        entry = torchvision_weights_entry(name, weights)
         tag = weights.split(":", 1)[1] if ":" in weights else "DEFAULT"
-        entry = get_model_weights(name)[tag]
         return Initial(model, f"torchvision's {name} {tag} weights", list(entry.meta["categories"]),
                        Normalizer("subtract-mean-255", mean=IMAGENET_MEAN_255, std=IMAGENET_STD_255),
                        entry.transforms().crop_size[0])
@@ -64,8 +64,12 @@ def load_initial(name: str, weights: str, model_kwargs: dict) -> Initial:
     from ..models.convert import load_state_dict_file   # a bare state dict (e.g. torchvision's .pth format)
     sd = load_state_dict_file(path)
     head = sd.get("fc.weight")
-    n = {"num_classes": head.shape[0]} if head is not None else {}
-    return Initial(create_model(name, weights=path, **kwargs, **n), f"the weights file {path}", None, None, None)
+    model = create_model(name, **kwargs, **({"num_classes": head.shape[0]} if head is not None else {}))
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ValueError(f"the weights file {path} does not fit {name}: {str(e).splitlines()[-1].strip()}") from None
+    return Initial(model, f"the weights file {path}", None, None, None)
 
 
 def _from_checkpoint(name: str, c: ck.Checkpoint, source: str, kwargs: dict) -> Initial:

@@ -186,7 +186,7 @@ class ImageFolderSource:
 
     def __init__(self, cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, normalizer: Normalizer | None = None):
         from ..data.imagefolder import (ImageFolderDataset, make_loader, paper_train_transform,
-                                        standard_eval_transform)
+                                        random_resized_transform, standard_eval_transform)
         train_dir, val_dir = imagefolder_dirs(cfg.data)
         self.rt, self.ctx = rt, ctx
         self.normalizer = normalizer or imagefolder_normalizer(cfg.normalize)
@@ -242,16 +242,6 @@ class ImageFolderSource:
 
     def close(self) -> None:
         self._it = None
-
-
-def random_resized_transform(normalizer: Normalizer, crop: int, min_area: float, hflip: bool):
-    """Fine-tuning's training crops (not the paper): a random part of the image (``min_area`` to all of its area,
-    aspect 3/4 to 4/3) resized to ``crop`` x ``crop``, a horizontal flip if ``hflip``, then ``normalizer``."""
-    from torchvision.transforms import v2
-    steps = [v2.RandomResizedCrop(crop, scale=(min_area, 1.0), antialias=True)]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=False), normalizer])
 
 
 def make_source(cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, data=None, normalizer: Normalizer | None = None):
