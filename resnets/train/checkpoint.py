@@ -98,6 +98,18 @@ def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
+def _own_storage(obj: Any) -> Any:
+    """``obj`` with every tensor that views a larger storage copied out: torch.save writes a view's whole
+    storage, and a stacked run's momentum is a view of all the stack's (resnets.train.stacked)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone() if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size() else obj
+    if isinstance(obj, dict):
+        return {k: _own_storage(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_own_storage(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, meta: dict[str, Any] | None = None,
                     preprocess: dict[str, Any] | None = None, state: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint directory atomically; an existing one at ``path`` is replaced only once the new one is
@@ -123,7 +135,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, meta: dict[str
     state_bytes = None
     if state is not None:
         buf = io.BytesIO()
-        torch.save(state, buf)
+        torch.save(_own_storage(state), buf)
         state_bytes = buf.getvalue()
         str_meta["state_sha256"] = hashlib.sha256(state_bytes).hexdigest()
     str_meta["weights_sha256"] = weights_digest(tensors)

@@ -48,12 +48,21 @@ class StaticStep:
         self.warmup = warmup
         self.calls = 0
         self.replays = 0
-        self.x = torch.zeros(batch_shape, device=device).contiguous(memory_format=memory_format)
-        self.y = torch.zeros(batch_shape[0], device=device, dtype=torch.int64)
+        x_shape, y_shape = self.shapes(batch_shape)
+        self.x = torch.zeros(x_shape, device=device).contiguous(memory_format=memory_format)
+        self.y = torch.zeros(y_shape, device=device, dtype=torch.int64)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_lr: float | None = None
         self.captures = 0
         self.loss = self.wrong = None
+
+    def shapes(self, batch_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The static input and label buffers' shapes for a batch of ``batch_shape``."""
+        return batch_shape, batch_shape[:1]
+
+    def lr(self):
+        """What a captured graph depends on of the schedule: the lr, a Python float inside torch's SGD."""
+        return self.optimizer.param_groups[0]["lr"]
 
     def _body(self) -> None:
         self.loss, self.wrong, _ = sgd_step(self.forward, self.optimizer, self.autocast, self.x, self.y,
@@ -72,7 +81,7 @@ class StaticStep:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(self.graph):
             self._body()
-        self.graph_lr = self.optimizer.param_groups[0]["lr"]
+        self.graph_lr = self.lr()
         self.captures += 1
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> StepOut:
@@ -89,7 +98,7 @@ class StaticStep:
                 self._eager()
             torch.cuda.current_stream().wait_stream(side)
             return StepOut(self.loss.clone(), self.wrong.clone())
-        if self.graph is None or self.optimizer.param_groups[0]["lr"] != self.graph_lr:
+        if self.graph is None or self.lr() != self.graph_lr:
             self._capture()
         self.graph.replay()
         self.replays += 1
@@ -110,15 +119,17 @@ def graph_applies(cfg, rt, distributed: bool = False) -> tuple[bool, str]:
     return True, ""
 
 
-def maybe_graph_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer, rt, loader, eager_step: StepFn,
-                     distributed: bool = False) -> StepFn:
+def maybe_graph_step(cfg, model: nn.Module, optimizer, rt, loader, eager_step: StepFn,
+                     distributed: bool = False, static_cls: Callable[..., StaticStep] | None = None) -> StepFn:
+    """The captured step where it applies (``static_cls``, default :class:`StaticStep`), else ``eager_step``;
+    a capture that fails falls back to ``eager_step`` with a warning."""
     ok, why = graph_applies(cfg, rt, distributed)
     if not ok:
         if cfg.cuda_graph is True:
             warnings.warn(f"CUDA graph requested but not used: {why}; training eagerly")
         return eager_step
     x, _ = loader.batch(0)
-    static = StaticStep(model, optimizer, rt.autocast, tuple(x.shape), rt.device, rt.memory_format, capture=True,
+    static = (static_cls or StaticStep)(model, optimizer, rt.autocast, tuple(x.shape), rt.device, rt.memory_format, capture=True,
                         compile=bool(getattr(cfg, "compile", False)),
                         label_smoothing=getattr(cfg, "label_smoothing", 0.0) or 0.0)
 

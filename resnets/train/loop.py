@@ -18,6 +18,7 @@ writes logs and checkpoints; all ranks load the checkpoint it chose. See :mod:`r
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -93,14 +94,21 @@ def train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
     The run owns ``cfg.out`` for its whole life (:class:`resnets.train.rundir.RunLock`, rank 0 under torchrun);
     when ``stop`` has caught SIGTERM/SIGINT, the loop writes a checkpoint after the current step and raises
     :class:`StoppedBySignal`."""
+    with owned_run(cfg, ctx):
+        return (yield from loop_steps(setup(cfg, ctx, device, data, on_log), stop))
+
+
+@contextlib.contextmanager
+def owned_run(cfg: TrainConfig, ctx: ddp.DistContext) -> Iterator[None]:
+    """Own ``cfg.out`` (its lock) while the body runs. A run that could not start (bad data, a bad checkpoint)
+    leaves no directory it made just for its lock."""
     cfg.validate(source="train")          # before anything touches cfg.out
     out = Path(cfg.out)
     new_dir = not out.exists()
     lock = own_run_dir(cfg, ctx)
     try:
-        return (yield from _train_steps(_setup(cfg, ctx, device, data, on_log), stop))
+        yield
     except BaseException:
-        # A run that could not start (bad data, a bad checkpoint) leaves no directory it made just for its lock.
         if lock is not None and new_dir and {p.name for p in out.iterdir()} <= {".lock"}:
             lock.__exit__(None, None, None)
             lock = None
@@ -170,7 +178,7 @@ class Run:
         return self.ctx.all_reduce_sum(bad).item() == 0
 
 
-def _setup(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
+def setup(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
            on_log: Callable[[dict[str, Any]], None] | None) -> Run:
     t_start = time.perf_counter()
     if cfg.threads:
@@ -231,54 +239,82 @@ def _setup(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
 # The loop
 
 
-def _train_steps(run: Run, stop: GracefulStop | None) -> Generator[int, None, TrainResult]:
-    cfg, ctx = run.cfg, run.ctx
-    bar = None
-    if cfg.progress and ctx.is_main:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=run.start, desc=cfg.model, unit="step", dynamic_ncols=True)
-    run.model.train()
+def loop_steps(run: Run, stop: GracefulStop | None) -> Generator[int, None, TrainResult]:
+    bar = start(run)
     try:
-        for step in range(run.start, cfg.steps):
-            lr = learning_rate(run.lr_cfg, step, run.warming)
-            for g in run.optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)    # (fine-tuning: the pretrained layers' share)
-            x, y = run.source.batch(step)
+        for step in range(run.start, run.cfg.steps):
+            lr, x, y = next_batch(run, step)
             out = run.step_fn(x, y)
-            done = step + 1
-            if out.skipped:
-                run.window.skipped += 1
-                run.emit({"step": done, "split": "event", "event": f"skipped step {done}: loss {out.loss.item()}"})
-            else:
-                if run.warming:
-                    _warmup_test(run, done, out.wrong, y.numel())
-                run.window.add(out.loss, out.wrong, y.numel())
-            if (done % cfg.log_every == 0 or done == cfg.steps) and run.window.seen:
-                _log_train(run, done, lr, y.numel(), bar)
-            metrics = None
-            if (done % cfg.eval_every == 0 or done == cfg.steps) and run.source.eval_loader is not None:
-                metrics = _evaluate(run, done)
-            late = bool(cfg.checkpoint_minutes) and time.perf_counter() - run.t_ckpt >= 60 * cfg.checkpoint_minutes
-            stop_now, late = agree(stop, late, ctx, run.rt.device) if done < cfg.steps else (False, False)
-            regular = cfg.checkpoint_every > 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
-            if regular or late or stop_now:
-                run.last_good = run.save(done, metrics) or run.last_good
-                if ctx.is_main:
-                    ck.prune_checkpoints(run.out / "checkpoints", cfg.keep_last)
-                run.window.t = time.perf_counter()
-            if bar is not None:
-                bar.update(1)
-            if stop_now:
-                ctx.barrier()
-                raise StoppedBySignal(stop.signum or 15, done, run.last_good, run.out)
-            yield done
+            after_step(run, step + 1, lr, y, out, stop, bar)
+            yield step + 1
     finally:
-        if bar is not None:
-            bar.close()
-        if run.log is not None:
-            run.log.close()
-        run.source.close()
-    return _finish(run)
+        close(run, bar)
+    return finish(run)
+
+
+def start(run: Run):
+    """The model in training mode; returns the progress bar (None without one)."""
+    run.model.train()
+    if run.cfg.progress and run.ctx.is_main:
+        from tqdm.auto import tqdm
+        return tqdm(total=run.cfg.steps, initial=run.start, desc=run.cfg.model, unit="step", dynamic_ncols=True)
+    return None
+
+
+def next_batch(run: Run, step: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """The learning rate of ``step``, set in the optimizer, and the step's batch."""
+    lr = learning_rate(run.lr_cfg, step, run.warming)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)    # (fine-tuning: the pretrained layers' share)
+    x, y = run.source.batch(step)
+    return lr, x, y
+
+
+def after_step(run: Run, done: int, lr: float, y: torch.Tensor, out, stop: GracefulStop | None, bar=None,
+               late: bool | None = None) -> None:
+    """Everything after the update of step ``done``: log, evaluate, checkpoint, and on a signal checkpoint and
+    raise :class:`StoppedBySignal`. ``late``: a time-based checkpoint is due (default: by this run's clock)."""
+    cfg, ctx = run.cfg, run.ctx
+    if out.skipped:
+        run.window.skipped += 1
+        run.emit({"step": done, "split": "event", "event": f"skipped step {done}: loss {out.loss.item()}"})
+    else:
+        if run.warming:
+            _warmup_test(run, done, out.wrong, y.numel())
+        run.window.add(out.loss, out.wrong, y.numel())
+    if (done % cfg.log_every == 0 or done == cfg.steps) and run.window.seen:
+        _log_train(run, done, lr, y.numel(), bar)
+    metrics = None
+    if (done % cfg.eval_every == 0 or done == cfg.steps) and run.source.eval_loader is not None:
+        metrics = _evaluate(run, done)
+    if late is None:
+        late = checkpoint_due(run)
+    stop_now, late = agree(stop, late, ctx, run.rt.device) if done < cfg.steps else (False, False)
+    regular = cfg.checkpoint_every > 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
+    if regular or late or stop_now:
+        run.last_good = run.save(done, metrics) or run.last_good
+        if ctx.is_main:
+            ck.prune_checkpoints(run.out / "checkpoints", cfg.keep_last)
+        run.window.t = time.perf_counter()
+    if bar is not None:
+        bar.update(1)
+    if stop_now:
+        ctx.barrier()
+        raise StoppedBySignal(stop.signum or 15, done, run.last_good, run.out)
+
+
+def checkpoint_due(run: Run) -> bool:
+    """``checkpoint_minutes`` have passed since the last checkpoint."""
+    return bool(run.cfg.checkpoint_minutes) and time.perf_counter() - run.t_ckpt >= 60 * run.cfg.checkpoint_minutes
+
+
+def close(run: Run, bar=None) -> None:
+    """The progress bar, the log and the data source; after the last step or a failure."""
+    if bar is not None:
+        bar.close()
+    if run.log is not None:
+        run.log.close()
+    run.source.close()
 
 
 def _warmup_test(run: Run, done: int, wrong: torch.Tensor, batch: int) -> None:
@@ -330,7 +366,7 @@ def _evaluate(run: Run, done: int) -> dict[str, float]:
     return metrics
 
 
-def _finish(run: Run) -> TrainResult:
+def finish(run: Run) -> TrainResult:
     result = TrainResult(run.out, run.cfg.steps, {k: v for k, v in run.final.items() if k != "split"}, run.best,
                          run.last_train.get("error"), run.last_train.get("loss"), time.perf_counter() - run.t_start)
     if run.ctx.is_main:

@@ -29,18 +29,20 @@ import torch
 
 from ..config import TrainConfig
 from . import distributed as ddp
-from .loop import TrainResult, train_steps
+from .loop import Run, TrainResult, loop_steps, owned_run, setup, train_steps
 from .rundir import GracefulStop, StoppedBySignal
 from .runtime import pick_runtime
 
 
 @dataclass
-class _Run:
-    cfg: TrainConfig
-    steps: Generator[int, None, TrainResult]
+class _Unit:
+    """What the scheduler steps: one run, or a stack of runs (:mod:`.stacked`); ``index``: their places in the
+    caller's list."""
+    index: list[int]
+    steps: Generator[int, None, list]
     stream: Any
     rng: torch.Tensor
-    result: TrainResult | None = None
+    result: list | None = None
     error: BaseException | None = None
 
 
@@ -55,12 +57,14 @@ class SideBySideError(RuntimeError):
 
 def train_side_by_side(cfgs: list[TrainConfig], *, data=None,
                        on_log: Callable[[TrainConfig, dict[str, Any]], None] | None = None,
-                       device: str | None = None) -> list[TrainResult]:
+                       device: str | None = None, stack: bool = False) -> list[TrainResult]:
     """Train every config to its end, one step of each in turn; returns their results in the given order.
 
     ``data``: one :class:`resnets.data.CifarData` for all runs (each still builds its own split, order and
     augmentation from its own seed). ``on_log(cfg, record)`` sees every log record of every run. A run that
     fails does not stop the others; when all have ended, :class:`SideBySideError` names every failure.
+    ``stack``: runs of one CIFAR depth train as one stacked network (:mod:`.stacked`; not bit-identical to
+    the run alone, unlike the default).
     """
     if not cfgs:
         return []
@@ -76,51 +80,94 @@ def train_side_by_side(cfgs: list[TrainConfig], *, data=None,
     dev = devices.pop()
     ctx = ddp.DistContext()
     rt = pick_runtime(dev)
-    is_cuda = rt.is_cuda
     start_rng = torch.get_rng_state()
     stop = GracefulStop()
-    runs: list[_Run] = []
-    for cfg in cfgs:
-        # Progress bars of interleaved runs would overwrite one another; on_log reports instead.
-        cfg = replace(cfg, progress=False)
-        log = (lambda r, c=cfg: on_log(c, r)) if on_log is not None else None
-        runs.append(_Run(cfg, train_steps(cfg, ctx, dev, data, log, stop),
-                         torch.cuda.Stream(rt.device) if is_cuda else None, start_rng.clone()))
+    # Progress bars of interleaved runs would overwrite one another; on_log reports instead.
+    cfgs = [replace(cfg, progress=False) for cfg in cfgs]
+    logs = [(lambda r, c=cfg: on_log(c, r)) if on_log is not None else None for cfg in cfgs]
+    new_stream = (lambda: torch.cuda.Stream(rt.device)) if rt.is_cuda else (lambda: None)
+    errors: dict[int, BaseException] = {}
+    results: list[TrainResult | None] = [None] * len(cfgs)
+    units: list[_Unit] = []
     try:
-        with stop:   # SIGTERM/SIGINT: every run checkpoints after its current step and stops
-            active = list(runs)
+        with contextlib.ExitStack() as owned, stop:   # SIGTERM/SIGINT: every run checkpoints after its step
+            if stack:
+                units = _stacked_units(cfgs, ctx, dev, data, logs, stop, owned, new_stream, errors)
+            else:
+                units = [_Unit([i], _one(train_steps(cfg, ctx, dev, data, log, stop)), new_stream(), start_rng.clone())
+                         for i, (cfg, log) in enumerate(zip(cfgs, logs))]
+            active = list(units)
             while active:
-                for run in list(active):
-                    if not _advance(run, is_cuda):
-                        active.remove(run)
-            if is_cuda:
+                for unit in list(active):
+                    if not _advance(unit, rt.is_cuda):
+                        active.remove(unit)
+            if rt.is_cuda:
                 torch.cuda.synchronize()
     finally:
-        for run in runs:           # a second signal closes every run: logs flushed, locks released
-            run.steps.close()
+        for unit in units:         # a second signal closes every run: logs flushed, locks released
+            unit.steps.close()
         torch.set_rng_state(start_rng)
-    errors = {r.cfg.out: r.error for r in runs if r.error is not None}
+    for unit in units:
+        for j, i in enumerate(unit.index):
+            r = unit.error if unit.error is not None else unit.result[j]
+            if isinstance(r, BaseException):
+                errors[i] = r
+            else:
+                results[i] = r
+    errors = {cfgs[i].out: e for i, e in sorted(errors.items())}
     if errors and all(isinstance(e, StoppedBySignal) for e in errors.values()):
         first = next(iter(errors.values()))
         raise StoppedBySignal(first.signum, first.step, first.checkpoint, first.out, also=list(errors.values())[1:])
     if errors:
         raise SideBySideError(errors) from next(iter(errors.values()))
-    return [r.result for r in runs]
+    return results
 
 
-def _advance(run: _Run, is_cuda: bool) -> bool:
-    """One step of ``run`` with its own RNG state and stream; False once it has ended (result or error)."""
-    torch.set_rng_state(run.rng)
-    stream = torch.cuda.stream(run.stream) if is_cuda else contextlib.nullcontext()
+def _one(steps: Generator[int, None, TrainResult]) -> Generator[int, None, list]:
+    return [(yield from steps)]
+
+
+def _stacked_units(cfgs, ctx, dev, data, logs, stop, owned: contextlib.ExitStack, new_stream,
+                   errors: dict[int, BaseException]) -> list[_Unit]:
+    """Set every run up (each owns its directory until ``owned`` closes), then one unit per stack of runs with
+    equal :func:`.stacked.stack_key`, and one per run that stacks with none."""
+    from .stacked import stack_key, stacked_steps
+    groups: dict[Any, list[tuple[int, Run, torch.Tensor]]] = {}
+    for i, cfg in enumerate(cfgs):
+        member = contextlib.ExitStack()
+        try:
+            member.enter_context(owned_run(cfg, ctx))
+            run = setup(cfg, ctx, dev, data, logs[i])
+        except Exception as e:  # noqa: BLE001 - this run cannot start; the others do
+            member.__exit__(type(e), e, e.__traceback__)
+            errors[i] = e
+            continue
+        owned.push(member)
+        key = stack_key(run)
+        groups.setdefault(("alone", i) if key is None else key, []).append((i, run, torch.get_rng_state()))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()   # set-up ran on the default stream; each unit runs on a stream of its own
+    units = []
+    for members in groups.values():
+        runs = [run for _, run, _ in members]
+        steps = stacked_steps(runs, stop) if len(runs) > 1 else _one(loop_steps(runs[0], stop))
+        units.append(_Unit([i for i, _, _ in members], steps, new_stream(), members[-1][2]))
+    return units
+
+
+def _advance(unit: _Unit, is_cuda: bool) -> bool:
+    """One step of ``unit`` with its own RNG state and stream; False once it has ended (result or error)."""
+    torch.set_rng_state(unit.rng)
+    stream = torch.cuda.stream(unit.stream) if is_cuda else contextlib.nullcontext()
     try:
         with stream:
-            next(run.steps)
+            next(unit.steps)
         return True
     except StopIteration as stop:
-        run.result = stop.value
+        unit.result = stop.value
         return False
     except Exception as e:   # noqa: BLE001 - recorded and raised once every run has ended
-        run.error = e
+        unit.error = e
         return False
     finally:
-        run.rng = torch.get_rng_state()
+        unit.rng = torch.get_rng_state()
