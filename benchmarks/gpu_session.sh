@@ -18,11 +18,15 @@
 #        CUDA_DEVICE_MAX_CONNECTIONS=32 (and fused SGD), then ResNet-50 with compile in the graph (run on
 #        2026-11-27 with --infer-cuda-graphs too, an option removed since); BUDGET seconds in all (default 470).
 # suite: benchmarks/gpu_suite.sh (graph vs eager losses, CIFAR graph speed, ResNet-50 vs torchvision/timm).
+# stack: (prepared 2026-11-27, not yet run) the stacked runs of resnets.train.stacked against one at a time and
+#        side by side: the nine nets (graphs and end to end), the nine x 5 seeds (graphs), then with compile in
+#        the graph; BUDGET seconds in all (default 470). Then, if it pays: STACK=1 DEPTHS=20,32,44,56,110 for
+#        `paper` trains the whole preset stacked (LIMIT per call; a later call resumes).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export OUT=${OUT:-./gpu-session-out} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT"
-what=${1:?usage: gpu_session.sh sbs|paper|suite|variants}
+what=${1:?usage: gpu_session.sh sbs|paper|suite|variants|stack}
 python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA")' | tee -a "$OUT/device.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee -a "$OUT/device.txt"
@@ -33,9 +37,9 @@ case $what in
     work=/tmp/paper
     mkdir -p "$work"
     t0=$(date +%s)
-    timeout -s INT "${LIMIT:-420}" python3 -m resnets.cli reproduce cifar10 --preset paper --depths 20 \
+    timeout -s INT "${LIMIT:-420}" python3 -m resnets.cli reproduce cifar10 --preset paper --depths "${DEPTHS:-20}" \
         --seeds "${SEEDS:-1}" --val-split "${VAL:-5000}" --data "${DATA:-.devdata}" --out "$work/reproduce" --no-progress \
-        ${STEPS:+--steps "$STEPS"} 2>&1 | tee "$OUT/paper.log"
+        ${STEPS:+--steps "$STEPS"} ${STACK:+--stack} 2>&1 | tee "$OUT/paper.log"
     echo "paper: exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/paper.log"
     (cd "$work" && tar czf "$OUT/paper-results.tar.gz" --exclude='checkpoints' reproduce)
     (cd "$work" && find reproduce -path '*/checkpoints/step-*' -type f | tar cf "$OUT/paper-weights.tar" -T -)
@@ -53,6 +57,16 @@ case $what in
         --cases resnet50-train resnet50-infer --compile-in-graph --budget-s 400 2>&1 \
         | tee "$OUT/suite-r50.log"
     echo "variants: done with $(left) s of BUDGET left" ;;
+  stack)
+    end=$(( $(date +%s) + ${BUDGET:-470} ))
+    left() { echo $(( end - $(date +%s) )); }
+    timeout -s INT "$(left)" python3 benchmarks/side_by_side.py --out "$OUT/stack" --sets nine 2>&1 \
+        | tee "$OUT/stack.log"
+    [ "$(left)" -gt 90 ] && timeout -s INT "$(left)" python3 benchmarks/side_by_side.py --out "$OUT/stack-x5" \
+        --graph-set nine-x5 --sets 2>&1 | tee "$OUT/stack-x5.log"
+    [ "$(left)" -gt 150 ] && timeout -s INT "$(left)" python3 benchmarks/side_by_side.py --out "$OUT/stack-compile" \
+        --compile --sets 2>&1 | tee "$OUT/stack-compile.log"
+    echo "stack: done with $(left) s of BUDGET left" ;;
   suite)
     bash benchmarks/gpu_suite.sh --budget-s "${BUDGET:-300}" "${@:2}" 2>&1 | tee "$OUT/gpu_suite.log" ;;
   *)

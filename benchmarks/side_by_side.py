@@ -13,6 +13,11 @@ Two measurements, each printed as soon as it is done and written to OUT/side_by_
    (resnets.train.side_by_side.train_side_by_side), for sets of nets: the nine, and the pairs the paper preset
    trains first. ms per round = time for one step of every net in the set.
 
+Both also time the nets stacked (``--stack``, resnets.train.stacked): the nets of one depth as one network of
+grouped convolutions, one captured step per depth, the depths' steps (a) one after another and (b) a stream each;
+end to end, ``train_side_by_side(stack=True)``. The set "nine-x5" is the nine with 5 seeds each (``--seeds 5``,
+as Table 6 reports ResNet-110), 45 runs: 10 per stack at depths 20-56, 5 at 110.
+
 Ratio = (sum of the nets' ms/step alone) / (ms per round side by side): the aggregate throughput gain.
 """
 from __future__ import annotations
@@ -36,15 +41,18 @@ from resnets.config import recipe  # noqa: E402
 from resnets.data.cifar import CifarData  # noqa: E402
 from resnets.models import create_model  # noqa: E402
 from resnets.train import train  # noqa: E402
+from resnets.models.stacked import StackedCifarNets  # noqa: E402
 from resnets.train.graphs import StaticStep  # noqa: E402
 from resnets.train.runtime import pick_runtime  # noqa: E402
 from resnets.train.side_by_side import train_side_by_side  # noqa: E402
+from resnets.train.stacked import StackedSGD, StackedStep  # noqa: E402
 
 # Fig. 6 left (plain-20/32/44/56) and right / Table 6 (ResNet-20/32/44/56/110): the paper preset's nine nets
 NINE = [("plain", 20), ("plain", 32), ("plain", 44), ("plain", 56),
         ("resnet", 20), ("resnet", 32), ("resnet", 44), ("resnet", 56), ("resnet", 110)]
 SETS = {"nine": NINE, "r20+p20": [("resnet", 20), ("plain", 20)],
-        "2x(r20+p20)": [("resnet", 20), ("plain", 20), ("resnet", 20), ("plain", 20)]}
+        "2x(r20+p20)": [("resnet", 20), ("plain", 20), ("resnet", 20), ("plain", 20)],
+        "nine-x5": [n for n in NINE for _ in range(5)]}
 
 
 def log(msg: str) -> None:
@@ -73,7 +81,30 @@ class Timer:
         return statistics.median(times)
 
 
-def graphs_part(nets, batch: int, rounds: int, smoke: bool, fused_sgd: bool = False, compile: bool = False) -> dict:
+def stacked_statics(nets, batch: int, rt, compile: bool) -> list[StackedStep]:
+    """A captured stacked step per depth, its nets in the order given."""
+    depths = list(dict.fromkeys(d for _, d in nets))
+    statics = []
+    for depth in depths:
+        torch.manual_seed(0)
+        models = [create_model(f"{n}20", depth=d).to(rt.device, memory_format=rt.memory_format)
+                  for n, d in nets if d == depth]
+        stacked = StackedCifarNets(models).to(rt.device, memory_format=rt.memory_format).train()
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4) for m in models]
+        opt = StackedSGD(stacked, models, opts, 0.9, 1e-4, False)
+        opt.set_lr([0.1] * len(models))
+        s = StackedStep(stacked, opt, rt.autocast, (batch, 3, 32, 32), rt.device, rt.memory_format,
+                        capture=rt.is_cuda, compile=compile and rt.is_cuda, k=len(models))
+        x = torch.randn(batch, 3 * len(models), 32, 32, device=rt.device).contiguous(memory_format=rt.memory_format)
+        y = torch.randint(0, 10, (batch, len(models)), device=rt.device)
+        for _ in range(4):       # 3 warm-up steps, then the capture
+            s(x, y)
+        statics.append(s)
+    return statics
+
+
+def graphs_part(nets, batch: int, rounds: int, smoke: bool, fused_sgd: bool = False, compile: bool = False,
+                stack: bool = True) -> dict:
     rt = pick_runtime("auto")
     timer = Timer(rt.is_cuda)
     statics = []
@@ -93,8 +124,25 @@ def graphs_part(nets, batch: int, rounds: int, smoke: bool, fused_sgd: bool = Fa
     res: dict = {"nets": [f"{n}-{d}" for n, d in nets], "batch": batch, "runtime": rt.describe(),
                  "sgd": ("fused" if fused_sgd else "foreach") + (", torch.compile in graph" if compile else ""),
                  "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "default (8)")}
-    res["alone_ms"] = [timer.ms(lambda s=s: replay(s), rounds) for s in statics]
+    first = {n: s for n, s in reversed(list(zip(nets, statics)))}    # seeds of one net step alike: time one
+    alone = {n: timer.ms(lambda s=s: replay(s), rounds) for n, s in first.items()}
+    res["alone_ms"] = [alone[n] for n in nets]
     res["one_stream_ms"] = timer.ms(lambda: [replay(s) for s in statics], rounds)
+    if stack:
+        stacks = stacked_statics(nets, batch, rt, compile)
+        res["stacks"] = [s.k for s in stacks]
+        res["stacked_one_stream_ms"] = timer.ms(lambda: [replay(s) for s in stacks], rounds)
+        if rt.is_cuda:
+            sstreams = [torch.cuda.Stream() for _ in stacks]
+            for st in sstreams:
+                st.wait_stream(torch.cuda.current_stream())
+
+            def stacked_round_robin():
+                for s, st in zip(stacks, sstreams):
+                    with torch.cuda.stream(st):
+                        s.graph.replay()
+            res["stacked_streams_ms"] = timer.ms(stacked_round_robin, rounds)
+        del stacks
     if rt.is_cuda:
         streams = [torch.cuda.Stream() for _ in statics]
 
@@ -126,7 +174,7 @@ def graphs_part(nets, batch: int, rounds: int, smoke: bool, fused_sgd: bool = Fa
         res["one_graph_ms"] = timer.ms(big.replay, rounds)
     total = sum(res["alone_ms"])
     res["alone_sum_ms"] = total
-    for k in ("one_stream_ms", "streams_ms", "one_graph_ms"):
+    for k in ("one_stream_ms", "streams_ms", "one_graph_ms", "stacked_one_stream_ms", "stacked_streams_ms"):
         if k in res:
             res[k.replace("_ms", "_ratio")] = total / res[k]
     return res
@@ -139,8 +187,9 @@ def synthetic_cifar(n_train: int, n_test: int) -> CifarData:
                      rng.integers(0, 10, n_test), [f"c{i}" for i in range(10)], "synthetic")
 
 
-def end_to_end_part(nets, data, steps: int, batch: int, root: Path) -> dict:
-    """ms/step of each run alone, and ms per round of all of them side by side, from steps//3 to steps."""
+def end_to_end_part(nets, data, steps: int, batch: int, root: Path, stack: bool = True) -> dict:
+    """ms/step of each run alone, and ms per round of all of them side by side (and stacked), from steps//3 to
+    steps. Seeds of one net take one time alone."""
     k1, k2 = steps // 3, steps
     log_every = steps // 3
 
@@ -150,29 +199,40 @@ def end_to_end_part(nets, data, steps: int, batch: int, root: Path) -> dict:
                       log_every=log_every, checkpoint_every=0, progress=False, warmup_lr=None,
                       out=str(root / tag / f"{i}-{net}{depth}"))
 
-    alone = []
+    once: dict[tuple[str, int], float] = {}
     for i, (net, depth) in enumerate(nets):
+        if (net, depth) in once:
+            continue
         t: dict[int, float] = {}
         train(cfg(i, net, depth, "alone"), data=data,
               on_log=lambda r, t=t: t.__setitem__(r["step"], time.perf_counter()) if r["split"] == "train" else None)
-        alone.append((t[k2] - t[k1]) * 1000 / (k2 - k1))
-    seen: dict[int, float] = {}
-    cfgs = [cfg(i, n, d, "together") for i, (n, d) in enumerate(nets)]
+        once[(net, depth)] = (t[k2] - t[k1]) * 1000 / (k2 - k1)
+    alone = [once[n] for n in nets]
 
-    def on_log(c, r):
-        # The first run's records: between its records of steps k1 and k2 every run takes exactly k2 - k1 steps
-        # (the last run's would also hold the other runs' final evaluations).
-        if r["split"] == "train" and c.out == cfgs[0].out:
-            seen[r["step"]] = time.perf_counter()
+    def together(tag: str, **kw) -> tuple[float, float]:
+        seen: dict[int, float] = {}
+        cfgs = [cfg(i, n, d, tag) for i, (n, d) in enumerate(nets)]
 
-    t0 = time.perf_counter()
-    train_side_by_side(cfgs, data=data, on_log=on_log)
-    wall = time.perf_counter() - t0
-    together = (seen[k2] - seen[k1]) * 1000 / (k2 - k1)
-    return {"nets": [f"{n}-{d}" for n, d in nets], "steps": steps, "timed_steps": [k1, k2], "alone_ms": alone,
-            "alone_sum_ms": sum(alone), "side_by_side_ms_per_round": together, "ratio": sum(alone) / together,
-            "side_by_side_wall_s": wall, "img_per_s_side_by_side": len(nets) * batch * 1000 / together,
-            "paper_64k_min_side_by_side": 64000 * together / 60000, "paper_64k_min_alone": 64000 * sum(alone) / 60000}
+        def on_log(c, r):
+            # The first run's records: between its records of steps k1 and k2 every run takes exactly k2 - k1
+            # steps (the last run's would also hold the other runs' final evaluations).
+            if r["split"] == "train" and c.out == cfgs[0].out:
+                seen[r["step"]] = time.perf_counter()
+
+        t0 = time.perf_counter()
+        train_side_by_side(cfgs, data=data, on_log=on_log, **kw)
+        return (seen[k2] - seen[k1]) * 1000 / (k2 - k1), time.perf_counter() - t0
+
+    sbs, wall = together("together")
+    res = {"nets": [f"{n}-{d}" for n, d in nets], "steps": steps, "timed_steps": [k1, k2], "alone_ms": alone,
+           "alone_sum_ms": sum(alone), "side_by_side_ms_per_round": sbs, "ratio": sum(alone) / sbs,
+           "side_by_side_wall_s": wall, "img_per_s_side_by_side": len(nets) * batch * 1000 / sbs,
+           "paper_64k_min_side_by_side": 64000 * sbs / 60000, "paper_64k_min_alone": 64000 * sum(alone) / 60000}
+    if stack:
+        st, wall = together("stacked", stack=True)
+        res.update({"stacked_ms_per_round": st, "stacked_ratio": sum(alone) / st, "stacked_wall_s": wall,
+                    "img_per_s_stacked": len(nets) * batch * 1000 / st, "paper_64k_min_stacked": 64000 * st / 60000})
+    return res
 
 
 def table(res: dict) -> str:
@@ -185,8 +245,11 @@ def table(res: dict) -> str:
                   "| " + " | ".join(g["nets"]) + " | sum |", "|" + "---|" * (len(g["nets"]) + 1),
                   "| " + " | ".join(f"{v:.2f}" for v in g["alone_ms"]) + f" | {g['alone_sum_ms']:.2f} |", "",
                   "| the nets, one step each | ms per round | aggregate ratio vs alone |", "|---|---|---|"]
+        stacks = "+".join(map(str, g.get("stacks", [])))
         for k, name in (("one_stream", "one after another, one stream"), ("streams", "round-robin, a stream each"),
-                        ("one_graph", "one graph, a branch per net")):
+                        ("one_graph", "one graph, a branch per net"),
+                        ("stacked_one_stream", f"stacked by depth ({stacks} nets), one stream"),
+                        ("stacked_streams", f"stacked by depth ({stacks} nets), a stream each")):
             if f"{k}_ms" in g:
                 lines.append(f"| {name} | {g[k + '_ms']:.2f} | {g[k + '_ratio']:.2f}x |")
         lines.append("")
@@ -196,7 +259,11 @@ def table(res: dict) -> str:
                   "64k steps alone / side by side |", "|---|---|---|---|---|",
                   f"| {e['alone_sum_ms']:.2f} ({', '.join(f'{v:.2f}' for v in e['alone_ms'])}) | "
                   f"{e['side_by_side_ms_per_round']:.2f} | {e['ratio']:.2f}x | {e['img_per_s_side_by_side']:,.0f} | "
-                  f"{e['paper_64k_min_alone']:.1f} / {e['paper_64k_min_side_by_side']:.1f} min |", ""]
+                  f"{e['paper_64k_min_alone']:.1f} / {e['paper_64k_min_side_by_side']:.1f} min |"]
+        if "stacked_ms_per_round" in e:
+            lines.append(f"| stacked by depth: | {e['stacked_ms_per_round']:.2f} | {e['stacked_ratio']:.2f}x | "
+                         f"{e['img_per_s_stacked']:,.0f} | {e['paper_64k_min_stacked']:.1f} min |")
+        lines.append("")
     for err in res["errors"]:
         lines.append(f"- FAILED: {err['what']}: {err['error']}")
     return "\n".join(lines)
@@ -208,11 +275,13 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny nets, few steps (checks the script on a CPU)")
     p.add_argument("--steps", type=int, default=300, help="steps per run, end to end (timed over the last 2/3)")
     p.add_argument("--rounds", type=int, default=30, help="rounds per timed repeat, graphs only")
-    p.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS), help="end-to-end sets (none: skip)")
+    p.add_argument("--sets", nargs="*", default=["nine", "r20+p20", "2x(r20+p20)"], choices=list(SETS),
+                   help="end-to-end sets (none: skip)")
     p.add_argument("--fused-sgd", action="store_true", help="graphs only: SGD(fused=True) instead of foreach")
     p.add_argument("--compile", action="store_true", help="graphs only: torch.compile the forward inside the graph")
     p.add_argument("--graph-set", default="nine", choices=list(SETS), help="graphs only: which nets")
     p.add_argument("--skip-graphs", action="store_true")
+    p.add_argument("--no-stack", dest="stack", action="store_false", help="skip the stacked rows")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -243,7 +312,8 @@ def main(argv=None) -> int:
     if not args.skip_graphs:
         def g():
             res["graphs"] = graphs_part([(n, 8 if args.smoke else d) for n, d in SETS[args.graph_set]], batch,
-                                        3 if args.smoke else args.rounds, args.smoke, args.fused_sgd, args.compile)
+                                        3 if args.smoke else args.rounds, args.smoke, args.fused_sgd, args.compile,
+                                        args.stack)
             log(table({"graphs": res["graphs"], "errors": []}))
         part("graphs", g)
     n_train = 2000 if args.smoke else 50000
@@ -251,7 +321,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name, nets in sets.items():
             def e(name=name, nets=nets):
-                res["end_to_end"][name] = end_to_end_part(nets, data, steps, batch, Path(tmp) / name)
+                res["end_to_end"][name] = end_to_end_part(nets, data, steps, batch, Path(tmp) / name, args.stack)
                 log(table({"end_to_end": {name: res["end_to_end"][name]}, "errors": []}))
             part(f"end to end {name}", e)
     save()

@@ -3,6 +3,7 @@ GPU suite run their logic on the CPU (CUDA-only parts skipped with a reason); th
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -171,3 +172,18 @@ def test_graph_step_falls_back_on_cpu():
         assert maybe_graph_step(SimpleNamespace(cuda_graph=True, on_nan="stop"), model, opt, rt, src, eager) is eager
     with pytest.raises(ValueError, match="warmup >= 1"):
         StaticStep(model, opt, rt.autocast, (4, 3, 32, 32), rt.device, rt.memory_format, capture=True, warmup=0)
+
+
+def test_side_by_side_benchmark_smoke_with_stacks(tmp_path):
+    """benchmarks/side_by_side.py, the script a lent GPU runs for issue 15, on tiny nets here: every row, the
+    stacked ones included, is measured and nothing fails."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "side_by_side.py"), "--smoke", "--graph-set",
+                        "2x(r20+p20)", "--sets", "r20+p20", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "side_by_side.json").read_text())
+    assert not res["errors"]
+    assert res["graphs"]["stacks"] == [4] and res["graphs"]["stacked_one_stream_ms"] > 0
+    assert res["end_to_end"]["r20+p20"]["stacked_ms_per_round"] > 0
+    assert "stacked by depth" in r.stdout

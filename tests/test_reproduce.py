@@ -103,3 +103,18 @@ def test_side_by_side_with_val_split_matches_processes_and_meets_test_set_once(t
         test = json.loads((Path(rb["dir"]) / "test.json").read_text())
         assert test["n"] == rb["test_images"] == 100 and test["error"] == rb["test_error"] and test["step"] == 12
     assert "held out for validation" in b["note"]
+
+
+def test_stacked_experiment_through_the_cli(tiny_cifar, tmp_path, capsys, monkeypatch):
+    """`resnets reproduce --stack` (with the tiny preset in place of the demo): the 4 runs of depth 8 (plain and
+    ResNet, 2 seeds) train as one stack with their own splits, and the table reports each; the results say so."""
+    from resnets.cli import main
+    from resnets.experiments import reproduce
+    real = reproduce.run_experiment
+    monkeypatch.setattr(reproduce, "run_experiment", lambda preset, **kw: real(replace(TINY, depths=(8,)), **kw))
+    assert main(["reproduce", "cifar10", "--stack", "--data", str(tiny_cifar), "--out", str(tmp_path / "exp"),
+                 "--val-split", "64", "--no-progress"]) == 0
+    res = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert "stacked into one network" in res["runtime"]
+    assert len(res["runs"]) == 4 and len({r["val_error"] for r in res["runs"]}) > 1
+    assert "stacked into one network" in capsys.readouterr().out

@@ -101,7 +101,7 @@ def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = 
                    seeds: int | None = None, out: str | Path = "runs/reproduce-cifar10", data: str | None = None,
                    overrides: dict[str, Any] | None = None, progress: bool = True, data_obj=None,
                    responses: bool = True, workers: int | None = None,
-                   side_by_side: bool | None = None) -> dict[str, Any]:
+                   side_by_side: bool | None = None, stack: bool = False) -> dict[str, Any]:
     p = PRESETS[preset] if isinstance(preset, str) else preset
     depths = tuple(depths or p.depths)
     nets = tuple(nets or p.nets)
@@ -131,7 +131,7 @@ def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = 
             todo.append(cfg)
         else:
             print(f"{net}-{depth} (seed {seed}): finished earlier, reused", flush=True)
-    _run_jobs(todo, cifar, rt, workers, rt.is_cuda if side_by_side is None else side_by_side)
+    _run_jobs(todo, cifar, rt, workers, rt.is_cuda if side_by_side is None else side_by_side, stack)
     runs = []
     for net, depth, seed, cfg in jobs:
         run_dir = Path(cfg.out)
@@ -148,6 +148,8 @@ def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = 
     runtime = f"{rt.describe()}; {n_workers} run(s) at a time, side by side on CUDA streams" if rt.is_cuda else \
         f"CPU, {os.cpu_count()} cores; {n_workers} run(s) at a time with {threads} thread(s) each; fp32, channels_last"
     ran_on = sorted({r["runtime"] for r in runs if r.get("runtime")})
+    if stack:
+        runtime += "; runs of one depth stacked into one network (grouped convolutions)"
     if ran_on:
         runtime += f" (runs report: {'; '.join(ran_on)})"
     results = {
@@ -198,20 +200,25 @@ def _worker_job(cfg: TrainConfig) -> str:
     return _train_job(cfg, None)
 
 
-def _run_jobs(todo: list[TrainConfig], cifar, rt, workers: int | None, side_by_side: bool) -> None:
-    """``side_by_side``: interleave the runs in this process (the GPU default; on a CPU only the tests use it)."""
+def _run_jobs(todo: list[TrainConfig], cifar, rt, workers: int | None, side_by_side: bool,
+              stack: bool = False) -> None:
+    """``side_by_side``: interleave the runs in this process (the GPU default; on a CPU only the tests use it).
+    ``stack``: side by side, with the runs of one depth stacked into one network (:mod:`resnets.train.stacked`)."""
     if not todo:
         return
     n, threads = plan_workers(len(todo), rt, workers)
+    if stack:
+        side_by_side, n = True, workers or len(todo)
     for i, cfg in enumerate(todo):
         print(f"[{i + 1}/{len(todo)}] queued {Path(cfg.out).name}: {cfg.steps} steps", flush=True)
     if side_by_side and n > 1:
         from ..train.side_by_side import train_side_by_side
         where = "a CUDA stream each" if rt.is_cuda else "interleaved"
+        where += "; runs of one depth stacked into one network" if stack else ""
         print(f"training {n} runs at a time side by side on {rt.describe()}, {where}", flush=True)
         for i in range(0, len(todo), n):
             group = [replace(c, resume="auto") for c in todo[i:i + n]]
-            train_side_by_side(group, data=cifar, on_log=lambda c, r: _report(c, r))
+            train_side_by_side(group, data=cifar, on_log=lambda c, r: _report(c, r), stack=stack)
             for c in group:
                 print(f"finished {Path(c.out).name}", flush=True)
         return

@@ -66,10 +66,13 @@ class _StackedZeroPad(nn.Module):
         self.k, self.in_planes, self.out_planes, self.stride = k, shortcut.in_planes, shortcut.out_planes, shortcut.stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         x = x.unflatten(1, (self.k, self.in_planes))
-        return F.pad(x, (0, 0, 0, 0, 0, self.out_planes - self.in_planes)).flatten(1, 2)
+        x = F.pad(x, (0, 0, 0, 0, 0, self.out_planes - self.in_planes)).flatten(1, 2)
+        # the 5-d detour loses channels_last, which the addition and the convolutions after it want
+        return x.contiguous(memory_format=torch.channels_last) if last else x
 
 
 class _StackedBlock(nn.Module):
