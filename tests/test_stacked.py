@@ -201,3 +201,31 @@ def test_a_run_that_cannot_start_does_not_stop_a_stack(tiny_cifar, tmp_path):
     assert not Path(bad.out).exists()        # it made its directory for its lock only, and removed it
     for c in (r8, p8):
         assert (Path(c.out) / "summary.json").exists()
+
+
+def test_sigterm_stops_a_stack_at_one_step_and_the_resume_is_bit_identical(tiny_cifar, stacked, tmp_path):
+    """SIGTERM while a stack trains: every run of it checkpoints after the same step and the call raises
+    StoppedBySignal; resuming (the runs stack again) ends bit-identical to the unbroken stacked runs. The signal
+    arrives during p8's bookkeeping of step 12, after r8's: the stack decides once per step, so both stop at 13
+    (deciding per run, r8 would stop at 13 and p8 at 12, and the two would no longer stack on resume)."""
+    from resnets.train.rundir import StoppedBySignal
+    runs = cfgs(tiny_cifar, tmp_path, steps=STEPS)
+
+    def on_log(cfg, record):
+        if Path(cfg.out).name == "p8" and record["split"] == "train" and record["step"] == 12:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(StoppedBySignal):
+        train_side_by_side(runs, stack=True, on_log=on_log)
+    last = {n: sorted(p.name for p in (tmp_path / n / "checkpoints").glob("step-*"))[-1] for n in ("r8", "p8")}
+    assert last == {"r8": "step-00000013", "p8": "step-00000013"}
+    resumed = train_side_by_side([c.__class__(**{**c.to_dict(), "milestones": tuple(c.milestones), "resume": "auto"})
+                                  for c in runs], stack=True)
+    for s, t in zip(stacked, resumed):
+        # the same log and weights; the resumed runs also keep their step-13 checkpoint, which takes no step out
+        ls, lt = ([{k: v for k, v in r.items() if k not in ("img_per_s", "elapsed_s")} for r in read_log(d / "log.jsonl")]
+                  for d in (s.out, t.out))
+        assert ls == lt
+        for name in ("best", f"step-{s.step:08d}"):
+            ws, wt = (load_checkpoint(d / "checkpoints" / name).weights for d in (s.out, t.out))
+            assert all(torch.equal(ws[k], wt[k]) for k in ws), (s.out.name, name)

@@ -271,9 +271,10 @@ def next_batch(run: Run, step: int) -> tuple[float, torch.Tensor, torch.Tensor]:
 
 
 def after_step(run: Run, done: int, lr: float, y: torch.Tensor, out, stop: GracefulStop | None, bar=None,
-               late: bool | None = None) -> None:
+               late: bool | None = None, stopping: bool | None = None) -> None:
     """Everything after the update of step ``done``: log, evaluate, checkpoint, and on a signal checkpoint and
-    raise :class:`StoppedBySignal`. ``late``: a time-based checkpoint is due (default: by this run's clock)."""
+    raise :class:`StoppedBySignal`. ``late``: a time-based checkpoint is due (default: by this run's clock);
+    ``stopping``: whether to stop now (default: ``stop`` caught a signal), for runs that must decide together."""
     cfg, ctx = run.cfg, run.ctx
     if out.skipped:
         run.window.skipped += 1
@@ -289,7 +290,12 @@ def after_step(run: Run, done: int, lr: float, y: torch.Tensor, out, stop: Grace
         metrics = _evaluate(run, done)
     if late is None:
         late = checkpoint_due(run)
-    stop_now, late = agree(stop, late, ctx, run.rt.device) if done < cfg.steps else (False, False)
+    if done == cfg.steps:
+        stop_now, late = False, False
+    elif stopping is None:
+        stop_now, late = agree(stop, late, ctx, run.rt.device)
+    else:
+        stop_now = stopping
     regular = cfg.checkpoint_every > 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
     if regular or late or stop_now:
         run.last_good = run.save(done, metrics) or run.last_good

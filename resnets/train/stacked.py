@@ -182,10 +182,14 @@ def stacked_steps(runs: Sequence[Run], stop: GracefulStop | None
             # An ended run keeps its place in the stack (its slot computes, nothing reads it).
             batches = [next_batch(r, step) for r in runs]
             outs = stack.step([b[1] for b in batches], [b[2] for b in batches], [b[0] for b in batches])
-            late = any(checkpoint_due(runs[k]) for k in active)   # one clock: the stack's runs checkpoint together
+            # One decision for the stack, so that its runs checkpoint (and stop) at one step and stack again on
+            # resume: one clock for time-based checkpoints, and a signal seen before the first run's bookkeeping.
+            late = any(checkpoint_due(runs[k]) for k in active)
+            stopping = stop is not None and stop.signum is not None
             for k in list(active):
                 try:
-                    after_step(runs[k], step + 1, batches[k][0], batches[k][2], outs[k], stop, bars[k], late)
+                    after_step(runs[k], step + 1, batches[k][0], batches[k][2], outs[k], stop, bars[k], late,
+                               stopping)
                 except Exception as e:  # noqa: BLE001 - this run has ended; the others go on
                     results[k] = e
                     active.remove(k)
