@@ -3,6 +3,7 @@ the ResNet errors of Table 6.
 
     resnets reproduce cifar10 --preset demo               # ~12 min on a 2-core CPU: the degradation problem
     resnets reproduce cifar10 --preset paper --seeds 5    # the full 64k-iteration recipe (a GPU job)
+    resnets reproduce cifar10 --preset paper --stack      # the same, each depth's runs as one stacked network
 
 Each (net, depth, seed) is one training run under OUT/runs/; an interrupted experiment picks up where it
 stopped (finished runs are reused, unfinished ones resume from their last checkpoint). At the end it writes

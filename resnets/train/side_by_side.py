@@ -14,6 +14,9 @@ RNG is not drawn from in training) is saved and restored around every step of ev
 what it would draw alone; on the CPU a run trained
 side by side ends bit-identical to the same run trained alone (``tests/test_side_by_side.py``).
 
+With ``stack=True`` the runs of one CIFAR depth go further and train as one network (:mod:`.stacked`): one
+unit of the scheduler per stack, a stream each.
+
 On a CPU the runs are interleaved in this one process, which is correct but not faster: there
 ``resnets reproduce`` trains its runs in separate processes with a thread each (measured faster on 2 cores;
 :func:`resnets.experiments.reproduce.plan_workers`). Not for torchrun: each run here is a single-device run.
