@@ -48,7 +48,7 @@ class StackedSGD:
         self.k, self.momentum, self.weight_decay, self.nesterov = model.k, momentum, weight_decay, nesterov
         names = [name for name, _ in model.named_parameters()]
         self.params = [p for _, p in model.named_parameters()]
-        self.members = [[dict(net.named_parameters())[name] for name in names] for net in nets]
+        self.members = [[named[name] for name in names] for named in (dict(net.named_parameters()) for net in nets)]
         self.optimizers = list(optimizers)
         self.lr = torch.zeros(self.k, device=self.params[0].device, dtype=self.params[0].dtype)
         self._lrs: list[float] | None = None
