@@ -95,24 +95,22 @@ def advance(run, is_cuda):      # once every run has logged step `hold`, wait he
     return out
 sbs._advance = advance
 sbs.train_side_by_side([c.__class__(**{**c.to_dict(), "milestones": tuple(c.milestones), "resume": "auto"})
-                        for c in cfgs(sys.argv[1], root, steps=int(sys.argv[4]))])
+                        for c in cfgs(sys.argv[1], root, steps=int(sys.argv[4]))], stack=sys.argv[6] == "stack")
 """
 
 
-def test_kill_9_then_resume_side_by_side_is_bit_identical(tiny_cifar, alone, tmp_path):
-    """kill -9 of the process that trains three runs side by side, once every run has written its checkpoint
-    at step 16 and logged step 20 (so each loses the steps since its checkpoint and has log lines past it), then
-    one resume of all three: each ends bit-identical to the same run trained alone. The child holds still at that
-    point until the kill (it used to be killed by polling while it ran on, which needed 80-step runs so that a
-    loaded machine could not finish first)."""
-    root = tmp_path / "together"
+def train_and_kill_9(tiny_cifar, root: Path, stack: bool = False) -> None:
+    """Train the three runs side by side (``stack``: stacked) in a child process under ``root`` and kill -9 it
+    once every run has written its checkpoint at step 16 and logged step 20. The child holds still at that point
+    until the kill (it used to be killed by polling while it ran on, which needed 80-step runs so that a loaded
+    machine could not finish first)."""
     root.mkdir()
     proc = subprocess.Popen([sys.executable, "-c", _KILL, str(tiny_cifar), str(root), str(REPO / "tests"),
-                             str(STEPS), "20"])
+                             str(STEPS), "20", "stack" if stack else "alone"])
     try:
         deadline = time.time() + 240
         while not (root / "marker").exists():
-            assert proc.poll() is None, "side-by-side training ended before it could be killed"
+            assert proc.poll() is None, "training ended before it could be killed"
             assert time.time() < deadline
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
@@ -124,6 +122,14 @@ def test_kill_9_then_resume_side_by_side_is_bit_identical(tiny_cifar, alone, tmp
     for n in ("r8", "p8", "r14"):
         assert sorted(p.name for p in (root / n / "checkpoints").glob("step-*"))[-1] == "step-00000016", n
         assert not (root / n / "summary.json").exists(), "killed too late to test a resume"
+
+
+def test_kill_9_then_resume_side_by_side_is_bit_identical(tiny_cifar, alone, tmp_path):
+    """kill -9 of the process that trains three runs side by side, once every run has written its checkpoint
+    at step 16 and logged step 20 (so each loses the steps since its checkpoint and has log lines past it), then
+    one resume of all three: each ends bit-identical to the same run trained alone."""
+    root = tmp_path / "together"
+    train_and_kill_9(tiny_cifar, root)
     resumed = train_side_by_side([c.__class__(**{**c.to_dict(), "milestones": tuple(c.milestones), "resume": "auto"})
                                   for c in cfgs(tiny_cifar, root, steps=STEPS)])
     for a, t in zip(alone, resumed):

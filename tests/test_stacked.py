@@ -3,9 +3,6 @@ function, the stacked SGD is torch's SGD per net, and stacked runs train like th
 keep their own schedules, logs and checkpoints, and resume after a kill -9 bit-identical to an unbroken stacked run."""
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from resnets.train import load_checkpoint, read_log, train
 from resnets.train.side_by_side import train_side_by_side
 from resnets.train.stacked import StackedSGD
 
-from test_side_by_side import REPO, STEPS, assert_same_run, cfgs
+from test_side_by_side import STEPS, assert_same_run, cfgs, train_and_kill_9
 
 
 def _nets(kinds, depth=8, dtype=torch.float64):
@@ -159,32 +156,11 @@ def test_stacked_runs_keep_their_own_learning_rate(tiny_cifar, tmp_path):
     assert 0.01 in lrs[0] and 0.01 not in lrs[1]
 
 
-_KILL = (REPO / "tests" / "test_side_by_side.py").read_text().split('_KILL = r"""')[1].split('"""')[0] \
-    .replace("for c in cfgs(sys.argv[1], root, steps=int(sys.argv[4]))])",
-             "for c in cfgs(sys.argv[1], root, steps=int(sys.argv[4]))], stack=True)")
-
-
 def test_kill_9_then_resume_of_stacked_runs_is_bit_identical(tiny_cifar, stacked, tmp_path):
     """As the side-by-side test: kill -9 once every run logged step 20 (checkpoints at 16), resume all: the
     stacked runs stack again from their checkpoints and end bit-identical to the unbroken stacked runs."""
-    assert "stack=True" in _KILL
     root = tmp_path / "together"
-    root.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", _KILL, str(tiny_cifar), str(root), str(REPO / "tests"),
-                             str(STEPS), "20"])
-    try:
-        deadline = time.time() + 240
-        while not (root / "marker").exists():
-            assert proc.poll() is None, "stacked training ended before it could be killed"
-            assert time.time() < deadline
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    for n in ("r8", "p8", "r14"):
-        assert sorted(p.name for p in (root / n / "checkpoints").glob("step-*"))[-1] == "step-00000016", n
+    train_and_kill_9(tiny_cifar, root, stack=True)
     resumed = train_side_by_side([c.__class__(**{**c.to_dict(), "milestones": tuple(c.milestones), "resume": "auto"})
                                   for c in cfgs(tiny_cifar, root, steps=STEPS)], stack=True)
     for s, t in zip(stacked, resumed):
