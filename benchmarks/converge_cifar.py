@@ -80,11 +80,14 @@ def main(argv=None) -> int:
     r.add_argument("--out", required=True)
     r.add_argument("--recipe", default="cifar-fast")
     r.add_argument("--threads", type=int, default=2)
-    r.add_argument("extra", nargs=argparse.REMAINDER, help="more resnets train flags")
     q = sub.add_parser("report")
     q.add_argument("out")
     q.add_argument("--target", type=float)
-    args = p.parse_args(argv)
+    # Unknown flags after `run NET` go to `resnets train` (argparse.REMAINDER would also swallow --out there).
+    args, extra = p.parse_known_args(argv)
+    if extra and args.cmd != "run":
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     if args.cmd == "run":
         load0 = os.getloadavg()
         t0 = time.time()

@@ -99,16 +99,18 @@ def train_side_by_side(cfgs: list[TrainConfig], *, data=None,
             else:
                 units = [_Unit([i], _one(train_steps(cfg, ctx, dev, data, log, stop)), new_stream(), start_rng.clone())
                          for i, (cfg, log) in enumerate(zip(cfgs, logs))]
-            active = list(units)
-            while active:
-                for unit in list(active):
-                    if not _advance(unit, rt.is_cuda):
-                        active.remove(unit)
-            if rt.is_cuda:
-                torch.cuda.synchronize()
+            try:
+                active = list(units)
+                while active:
+                    for unit in list(active):
+                        if not _advance(unit, rt.is_cuda):
+                            active.remove(unit)
+                if rt.is_cuda:
+                    torch.cuda.synchronize()
+            finally:
+                for unit in units:   # a second signal closes every run (logs flushed), then the locks go
+                    unit.steps.close()
     finally:
-        for unit in units:         # a second signal closes every run: logs flushed, locks released
-            unit.steps.close()
         torch.set_rng_state(start_rng)
     for unit in units:
         for j, i in enumerate(unit.index):
