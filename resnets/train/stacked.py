@@ -57,8 +57,10 @@ class StackedSGD:
         if any(have):
             if not all(have):
                 raise ValueError("runs to stack must all have momentum buffers (resumed) or none (new)")
-            self.buffers = [torch.cat([opt.state[ps[i]]["momentum_buffer"] for opt, ps in zip(optimizers, self.members)])
-                            .to(p.device).contiguous(memory_format=_format(p)) for i, p in enumerate(self.params)]
+            # empty_like keeps each parameter's device and memory format (channels_last convolution weights)
+            self.buffers = [torch.empty_like(p).copy_(torch.cat([opt.state[ps[i]]["momentum_buffer"]
+                                                                 for opt, ps in zip(optimizers, self.members)]))
+                            for i, p in enumerate(self.params)]
             self._bind_buffers()
 
     def set_lr(self, lrs: Sequence[float]) -> None:
@@ -91,11 +93,6 @@ class StackedSGD:
         for i, (opt, ps) in enumerate(zip(self.optimizers, self.members)):
             for p, b in zip(ps, self.buffers):
                 opt.state[p]["momentum_buffer"] = b.chunk(self.k, 0)[i]
-
-
-def _format(t: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
-        and not t.is_contiguous() else torch.contiguous_format
 
 
 class StackedStep(StaticStep):
@@ -133,7 +130,7 @@ _SHARED = ("steps", "batch_size", "momentum", "weight_decay", "nesterov", "label
 def stack_key(run: Run) -> tuple | None:
     """Runs with equal keys train as one stack; None: this run does not stack."""
     cfg = run.cfg
-    if type(run.model) is not CifarResNet or not can_stack([run.model])[0]:
+    if not can_stack([run.model])[0]:
         return None
     if cfg.on_nan == "skip" or cfg.weights or cfg.sync_bn or run.ctx.enabled:
         return None
