@@ -13,10 +13,11 @@ Two measurements, each printed as soon as it is done and written to OUT/side_by_
    (resnets.train.side_by_side.train_side_by_side), for sets of nets: the nine, and the pairs the paper preset
    trains first. ms per round = time for one step of every net in the set.
 
-Both also time the nets stacked (``--stack``, resnets.train.stacked): the nets of one depth as one network of
-grouped convolutions, one captured step per depth, the depths' steps (a) one after another and (b) a stream each;
-end to end, ``train_side_by_side(stack=True)``. The set "nine-x5" is the nine with 5 seeds each (``--seeds 5``,
-as Table 6 reports ResNet-110), 45 runs: 10 per stack at depths 20-56, 5 at 110.
+Both also time the nets stacked (resnets.train.stacked): the nets of one depth as one network of grouped
+convolutions, one captured step per depth, the depths' steps (a) one after another and (b) a stream each; and
+all the nets as one network (deepest first; a net's stage ends before a deeper one's), one captured step. End to
+end, ``train_side_by_side(stack="depth")`` and ``stack=True`` (all). The set "nine-x5" is the nine with 5 seeds
+each (``--seeds 5``, as Table 6 reports ResNet-110), 45 runs: 10 per stack at depths 20-56, 5 at 110.
 
 Ratio = (sum of the nets' ms/step alone) / (ms per round side by side): the aggregate throughput gain.
 """
@@ -52,6 +53,7 @@ NINE = [("plain", 20), ("plain", 32), ("plain", 44), ("plain", 56),
         ("resnet", 20), ("resnet", 32), ("resnet", 44), ("resnet", 56), ("resnet", 110)]
 SETS = {"nine": NINE, "r20+p20": [("resnet", 20), ("plain", 20)],
         "2x(r20+p20)": [("resnet", 20), ("plain", 20), ("resnet", 20), ("plain", 20)],
+        "r20+p20+r110": [("resnet", 20), ("plain", 20), ("resnet", 110)],
         "nine-x5": [n for n in NINE for _ in range(5)]}
 
 
@@ -81,14 +83,15 @@ class Timer:
         return statistics.median(times)
 
 
-def stacked_statics(nets, batch: int, rt, compile: bool) -> list[StackedStep]:
-    """A captured stacked step per depth, its nets in the order given."""
-    depths = list(dict.fromkeys(d for _, d in nets))
+def stacked_statics(nets, batch: int, rt, compile: bool, by_depth: bool = True) -> list[StackedStep]:
+    """A captured stacked step per depth, its nets in the order given; or (``by_depth=False``) one for all the
+    nets, deepest first."""
+    depths = list(dict.fromkeys(d for _, d in nets)) if by_depth else [None]
     statics = []
     for depth in depths:
         torch.manual_seed(0)
         models = [create_model(f"{n}20", depth=d).to(rt.device, memory_format=rt.memory_format)
-                  for n, d in nets if d == depth]
+                  for n, d in sorted(nets, key=lambda nd: -nd[1]) if depth in (None, d)]
         stacked = StackedCifarNets(models).to(rt.device, memory_format=rt.memory_format).train()
         opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4) for m in models]
         opt = StackedSGD(stacked, models, opts, 0.9, 1e-4, False)
@@ -143,6 +146,9 @@ def graphs_part(nets, batch: int, rounds: int, smoke: bool, fused_sgd: bool = Fa
                         s.graph.replay()
             res["stacked_streams_ms"] = timer.ms(stacked_round_robin, rounds)
         del stacks
+        one = stacked_statics(nets, batch, rt, compile, by_depth=False)
+        res["stacked_all_ms"] = timer.ms(lambda: replay(one[0]), rounds)
+        del one
     if rt.is_cuda:
         streams = [torch.cuda.Stream() for _ in statics]
 
@@ -174,7 +180,8 @@ def graphs_part(nets, batch: int, rounds: int, smoke: bool, fused_sgd: bool = Fa
         res["one_graph_ms"] = timer.ms(big.replay, rounds)
     total = sum(res["alone_ms"])
     res["alone_sum_ms"] = total
-    for k in ("one_stream_ms", "streams_ms", "one_graph_ms", "stacked_one_stream_ms", "stacked_streams_ms"):
+    for k in ("one_stream_ms", "streams_ms", "one_graph_ms", "stacked_one_stream_ms", "stacked_streams_ms",
+              "stacked_all_ms"):
         if k in res:
             res[k.replace("_ms", "_ratio")] = total / res[k]
     return res
@@ -229,9 +236,10 @@ def end_to_end_part(nets, data, steps: int, batch: int, root: Path, stack: bool 
            "side_by_side_wall_s": wall, "img_per_s_side_by_side": len(nets) * batch * 1000 / sbs,
            "paper_64k_min_side_by_side": 64000 * sbs / 60000, "paper_64k_min_alone": 64000 * sum(alone) / 60000}
     if stack:
-        st, wall = together("stacked", stack=True)
-        res.update({"stacked_ms_per_round": st, "stacked_ratio": sum(alone) / st, "stacked_wall_s": wall,
-                    "img_per_s_stacked": len(nets) * batch * 1000 / st, "paper_64k_min_stacked": 64000 * st / 60000})
+        for tag, how in (("stacked", "depth"), ("stacked_all", "all")):
+            st, wall = together(tag, stack=how)
+            res.update({f"{tag}_ms_per_round": st, f"{tag}_ratio": sum(alone) / st, f"{tag}_wall_s": wall,
+                        f"img_per_s_{tag}": len(nets) * batch * 1000 / st, f"paper_64k_min_{tag}": 64000 * st / 60000})
     return res
 
 
@@ -249,7 +257,8 @@ def table(res: dict) -> str:
         for k, name in (("one_stream", "one after another, one stream"), ("streams", "round-robin, a stream each"),
                         ("one_graph", "one graph, a branch per net"),
                         ("stacked_one_stream", f"stacked by depth ({stacks} nets), one stream"),
-                        ("stacked_streams", f"stacked by depth ({stacks} nets), a stream each")):
+                        ("stacked_streams", f"stacked by depth ({stacks} nets), a stream each"),
+                        ("stacked_all", f"all {len(g['nets'])} stacked in one network, deepest first")):
             if f"{k}_ms" in g:
                 lines.append(f"| {name} | {g[k + '_ms']:.2f} | {g[k + '_ratio']:.2f}x |")
         lines.append("")
@@ -260,9 +269,10 @@ def table(res: dict) -> str:
                   f"| {e['alone_sum_ms']:.2f} ({', '.join(f'{v:.2f}' for v in e['alone_ms'])}) | "
                   f"{e['side_by_side_ms_per_round']:.2f} | {e['ratio']:.2f}x | {e['img_per_s_side_by_side']:,.0f} | "
                   f"{e['paper_64k_min_alone']:.1f} / {e['paper_64k_min_side_by_side']:.1f} min |"]
-        if "stacked_ms_per_round" in e:
-            lines.append(f"| stacked by depth: | {e['stacked_ms_per_round']:.2f} | {e['stacked_ratio']:.2f}x | "
-                         f"{e['img_per_s_stacked']:,.0f} | {e['paper_64k_min_stacked']:.1f} min |")
+        for tag, name in (("stacked", "stacked by depth"), ("stacked_all", "all in one stack")):
+            if f"{tag}_ms_per_round" in e:
+                lines.append(f"| {name}: | {e[tag + '_ms_per_round']:.2f} | {e[tag + '_ratio']:.2f}x | "
+                             f"{e['img_per_s_' + tag]:,.0f} | {e['paper_64k_min_' + tag]:.1f} min |")
         lines.append("")
     for err in res["errors"]:
         lines.append(f"- FAILED: {err['what']}: {err['error']}")
@@ -291,7 +301,9 @@ def main(argv=None) -> int:
                  "end_to_end": {}}
     log(f"[side_by_side] {res['device']}, torch {res['torch']}, smoke={args.smoke}")
     batch = 16 if args.smoke else 128
-    sets = {k: [(n, 8 if args.smoke else d) for n, d in SETS[k]] for k in args.sets}
+    # smoke: depths 8 and 14 in place of 20-32 and 44-110, so that a stack of all still spans depths
+    small = (lambda d: 8 if d <= 32 else 14) if args.smoke else (lambda d: d)
+    sets = {k: [(n, small(d)) for n, d in SETS[k]] for k in args.sets}
     steps = 12 if args.smoke else args.steps
 
     def save():
@@ -311,7 +323,7 @@ def main(argv=None) -> int:
 
     if not args.skip_graphs:
         def g():
-            res["graphs"] = graphs_part([(n, 8 if args.smoke else d) for n, d in SETS[args.graph_set]], batch,
+            res["graphs"] = graphs_part([(n, small(d)) for n, d in SETS[args.graph_set]], batch,
                                         3 if args.smoke else args.rounds, args.smoke, args.fused_sgd, args.compile,
                                         args.stack)
             log(table({"graphs": res["graphs"], "errors": []}))

@@ -288,9 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "45k/5k split); test error from the final weights")
     r.add_argument("--workers", type=int, help="runs trained at once (default: one process per CPU core; on a GPU "
                    "all runs side by side, a CUDA stream each; 1: one after another)")
-    r.add_argument("--stack", action="store_true", help="train the runs of one depth (plain and residual, every "
-                   "seed) as one network of grouped convolutions: fewer, larger GPU kernels; agrees with the runs "
-                   "alone to float rounding, not bit for bit")
+    r.add_argument("--stack", nargs="?", const="all", choices=["all", "depth"],
+                   help="train the runs as one network of grouped convolutions: fewer, larger GPU kernels; agrees "
+                   "with the runs alone to float rounding, not bit for bit. all (default): every depth in one "
+                   "network (a net's stage ends before a deeper one's); depth: a network per depth")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=cmd_reproduce)
 

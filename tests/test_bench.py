@@ -176,14 +176,17 @@ def test_graph_step_falls_back_on_cpu():
 
 def test_side_by_side_benchmark_smoke_with_stacks(tmp_path):
     """benchmarks/side_by_side.py, the script a lent GPU runs for issue 15, on tiny nets here: every row, the
-    stacked ones included, is measured and nothing fails."""
+    stacked ones included, is measured and nothing fails. The graphs part's nets are of depths 8, 8 and 14
+    here, so the stack of all of them spans two depths."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "side_by_side.py"), "--smoke", "--graph-set",
-                        "2x(r20+p20)", "--sets", "r20+p20", "--out", str(tmp_path)],
+                        "r20+p20+r110", "--sets", "r20+p20", "--out", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "side_by_side.json").read_text())
     assert not res["errors"]
-    assert res["graphs"]["stacks"] == [4] and res["graphs"]["stacked_one_stream_ms"] > 0
+    assert res["graphs"]["stacks"] == [2, 1] and res["graphs"]["stacked_one_stream_ms"] > 0
+    assert res["graphs"]["stacked_all_ms"] > 0
     assert res["end_to_end"]["r20+p20"]["stacked_ms_per_round"] > 0
-    assert "stacked by depth" in r.stdout
+    assert res["end_to_end"]["r20+p20"]["stacked_all_ms_per_round"] > 0
+    assert "stacked by depth" in r.stdout and "all 3 stacked in one network" in r.stdout

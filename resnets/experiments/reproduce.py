@@ -3,7 +3,7 @@ the ResNet errors of Table 6.
 
     resnets reproduce cifar10 --preset demo               # ~12 min on a 2-core CPU: the degradation problem
     resnets reproduce cifar10 --preset paper --seeds 5    # the full 64k-iteration recipe (a GPU job)
-    resnets reproduce cifar10 --preset paper --stack      # the same, each depth's runs as one stacked network
+    resnets reproduce cifar10 --preset paper --stack      # the same, all runs as one stacked network
 
 Each (net, depth, seed) is one training run under OUT/runs/; an interrupted experiment picks up where it
 stopped (finished runs are reused, unfinished ones resume from their last checkpoint). At the end it writes
@@ -102,7 +102,7 @@ def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = 
                    seeds: int | None = None, out: str | Path = "runs/reproduce-cifar10", data: str | None = None,
                    overrides: dict[str, Any] | None = None, progress: bool = True, data_obj=None,
                    responses: bool = True, workers: int | None = None,
-                   side_by_side: bool | None = None, stack: bool = False) -> dict[str, Any]:
+                   side_by_side: bool | None = None, stack: bool | str = False) -> dict[str, Any]:
     p = PRESETS[preset] if isinstance(preset, str) else preset
     depths = tuple(depths or p.depths)
     nets = tuple(nets or p.nets)
@@ -150,7 +150,7 @@ def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = 
         f"CPU, {os.cpu_count()} cores; {n_workers} run(s) at a time with {threads} thread(s) each; fp32, channels_last"
     ran_on = sorted({r["runtime"] for r in runs if r.get("runtime")})
     if stack:
-        runtime += "; runs of one depth stacked into one network (grouped convolutions)"
+        runtime += f"; {_stacked(stack)} (grouped convolutions)"
     if ran_on:
         runtime += f" (runs report: {'; '.join(ran_on)})"
     results = {
@@ -201,10 +201,15 @@ def _worker_job(cfg: TrainConfig) -> str:
     return _train_job(cfg, None)
 
 
+def _stacked(stack: bool | str) -> str:
+    return "runs of one depth stacked into one network" if stack == "depth" else "runs stacked into one network"
+
+
 def _run_jobs(todo: list[TrainConfig], cifar, rt, workers: int | None, side_by_side: bool,
-              stack: bool = False) -> None:
+              stack: bool | str = False) -> None:
     """``side_by_side``: interleave the runs in this process (the GPU default; on a CPU only the tests use it).
-    ``stack``: side by side, with the runs of one depth stacked into one network (:mod:`resnets.train.stacked`)."""
+    ``stack``: side by side, with the runs stacked into one network, or one per depth with "depth"
+    (:mod:`resnets.train.stacked`)."""
     if not todo:
         return
     n, threads = plan_workers(len(todo), rt, workers)
@@ -215,7 +220,7 @@ def _run_jobs(todo: list[TrainConfig], cifar, rt, workers: int | None, side_by_s
     if side_by_side and n > 1:
         from ..train.side_by_side import train_side_by_side
         where = "a CUDA stream each" if rt.is_cuda else "interleaved"
-        where += "; runs of one depth stacked into one network" if stack else ""
+        where += f"; {_stacked(stack)}" if stack else ""
         print(f"training {n} runs at a time side by side on {rt.describe()}, {where}", flush=True)
         for i in range(0, len(todo), n):
             group = [replace(c, resume="auto") for c in todo[i:i + n]]

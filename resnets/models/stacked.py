@@ -1,14 +1,17 @@
-"""Several CIFAR nets of one depth computed as one network: every convolution a grouped convolution with a group
-per net, every BatchNorm one layer over all the nets' channels, the classifier one grouped matrix product.
+"""Several CIFAR nets computed as one network: every convolution a grouped convolution with a group per net,
+every BatchNorm one layer over all the nets' channels, the classifier one grouped matrix product.
 
-    >>> nets = [CifarResNet(20), CifarResNet(20, residual=False)]        # ResNet-20 and plain-20 (Fig. 6)
+    >>> nets = [CifarResNet(56), CifarResNet(20), CifarResNet(20, residual=False)]   # deepest first
     >>> stacked = StackedCifarNets(nets)
-    >>> logits = stacked(stack_inputs([x0, x1]))                          # (N, 2, 10): net k's logits at [:, k]
+    >>> logits = stacked(stack_inputs([x0, x1, x2]))                      # (N, 3, 10): net k's logits at [:, k]
     >>> stacked.bind(nets)         # the nets' parameters and buffers become views of the stacked ones
 
 Why: at the paper's batch of 128 a CIFAR net's training step on a GPU is about a thousand small kernels that keep
 the GPU busy but use little of it (docs/performance.md, "GPU: second session"). K nets of one depth stacked this
-way take the same number of kernels as one net, each K times larger.
+way take the same number of kernels as one net, each K times larger. Nets of different depths (the same widths)
+stack too: block i of a stage is computed for the nets that have it, a prefix of the stack when the nets come
+deepest first, and a net's output waits at the end of its stage for the deeper ones'. So the paper preset's nine
+nets (plain-20..56, ResNet-20..110) take the kernels of one ResNet-110, not of all nine.
 
 The arithmetic of each net is its own: a group of a grouped convolution sees only its net's channels, BatchNorm
 normalises each channel over the batch as before, and net k's logits depend only on net k's input and weights.
@@ -16,9 +19,10 @@ Nets with and without shortcuts (plain and residual, Fig. 6) stack together: a p
 by zero. Option A shortcuts only (the paper's CIFAR nets, Sec. 4.2); a projection (B, C) has parameters that a plain
 net lacks.
 
-Tensor layout: every stacked parameter and buffer is the nets' tensors of the same name concatenated along their
-first dimension, in the order the nets were given (``num_batches_tracked`` is one count for all). The names are
-those of :class:`resnets.models.CifarResNet`, so ``unstack`` and ``bind`` are a slice per name.
+Tensor layout: every stacked parameter and buffer is the tensors of that name of the nets that have it,
+concatenated along their first dimension in the order the nets were given (``num_batches_tracked`` is one count
+for all; ``groups[name]`` says how many nets hold the name: the first ones). The names are those of
+:class:`resnets.models.CifarResNet`, so ``unstack`` and ``bind`` are a slice per name.
 """
 from __future__ import annotations
 
@@ -46,16 +50,26 @@ def can_stack(nets: Sequence[nn.Module]) -> tuple[bool, str]:
     if not all(type(n) is CifarResNet for n in nets):
         return False, "only CIFAR ResNets and plain nets (Sec. 4.2) stack"
     first = nets[0]
-    for n in nets:
+    for prev, n in zip([first, *nets], nets):
         if any(isinstance(b.downsample, nn.Module) and not isinstance(b.downsample, ZeroPadShortcut) for b in n.blocks()):
             return False, f"{n.extra_repr()}: only option A shortcuts stack (a projection has weights a plain net lacks)"
-        if _shapes(n) != _shapes(first):
+        if family_shapes(n) != family_shapes(first):
             return False, f"different shapes: {first.extra_repr()} and {n.extra_repr()}"
+        if n.depth > prev.depth:
+            return False, f"nets of different depths stack deepest first: {prev.extra_repr()} before {n.extra_repr()}"
     return True, ""
 
 
-def _shapes(net: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    return [(name, tuple(t.shape)) for name, t in net.state_dict().items()]
+def family_shapes(net: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The shapes that nets must share to stack: all but those of the blocks after a stage's first, which the
+    first block's shapes fix and whose number is the depth's."""
+    return tuple((name, tuple(t.shape)) for name, t in net.state_dict().items() if _block_index(name) in (None, 0))
+
+
+def _block_index(name: str) -> int | None:
+    """i of a name in the i-th block of a stage ("layer2.3.conv1.weight" -> 3), None outside the stages."""
+    parts = name.split(".")
+    return int(parts[1]) if parts[0].startswith("layer") and len(parts) > 2 else None
 
 
 class _StackedZeroPad(nn.Module):
@@ -80,6 +94,7 @@ class _StackedBlock(nn.Module):
 
     def __init__(self, k: int, blocks: Sequence[BasicBlock]):
         super().__init__()
+        self.k = k
         b = blocks[0]
         cin, cout = b.conv1.in_channels, b.conv1.out_channels
         self.conv1 = nn.Conv2d(k * cin, k * cout, 3, b.conv1.stride, 1, groups=k, bias=False)
@@ -120,8 +135,8 @@ class _StackedLinear(nn.Module):
 
 
 class StackedCifarNets(nn.Module):
-    """K CIFAR nets (:class:`resnets.models.CifarResNet`) of one depth and width as one network, starting from
-    their weights. Input (N, K*3, H, W) (:func:`stack_inputs`), output (N, K, classes)."""
+    """K CIFAR nets (:class:`resnets.models.CifarResNet`) of one width, deepest first, as one network, starting
+    from their weights. Input (N, K*3, H, W) (:func:`stack_inputs`), output (N, K, classes)."""
 
     def __init__(self, nets: Sequence[CifarResNet]):
         super().__init__()
@@ -134,7 +149,9 @@ class StackedCifarNets(nn.Module):
             self._build(nets)
         ref = next(nets[0].parameters())
         self.to(device=ref.device, dtype=ref.dtype)
-        self.load_state_dict(self.stack_state([n.state_dict() for n in nets]))
+        states = [n.state_dict() for n in nets]
+        self.groups = {name: sum(name in s for s in states) for name in states[0]}
+        self.load_state_dict(self.stack_state(states))
 
     def _build(self, nets: Sequence[CifarResNet]) -> None:
         k = self.k = len(nets)
@@ -145,8 +162,10 @@ class StackedCifarNets(nn.Module):
         self.bn1 = nn.BatchNorm2d(k * c0, eps=first.bn1.eps, momentum=first.bn1.momentum)
         self.relu = nn.ReLU(inplace=True)
         for name in ("layer1", "layer2", "layer3"):
-            stages = [getattr(n, name) for n in nets]
-            setattr(self, name, nn.Sequential(*[_StackedBlock(k, [s[i] for s in stages]) for i in range(len(stages[0]))]))
+            stages = [getattr(n, name) for n in nets]   # deepest first: block i's nets are a prefix
+            setattr(self, name, nn.Sequential(*[_StackedBlock(sum(len(s) > i for s in stages),
+                                                              [s[i] for s in stages if len(s) > i])
+                                                for i in range(len(stages[0]))]))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = _StackedLinear(k, first.fc)
 
@@ -155,21 +174,35 @@ class StackedCifarNets(nn.Module):
             raise ValueError(f"{self.k} stacked nets expect input (N, {self.k * self.in_channels}, H, W) "
                              f"(stack_inputs); got {tuple(x.shape)}")
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        x = self._stage(self.layer3, self._stage(self.layer2, self._stage(self.layer1, x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    def _stage(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        """A stage's blocks; the nets whose stage has ended (the last ones) set their channels aside until the
+        deepest nets' end (one split per change of depth, one concatenation at the end)."""
+        k, done = self.k, []
+        for block in blocks:
+            if block.k < k:
+                x, rest = x.split([block.k * x.shape[1] // k, (k - block.k) * x.shape[1] // k], 1)
+                done.append(rest)
+                k = block.k
+            x = block(x)
+        return torch.cat([x, *reversed(done)], 1) if done else x
 
     @staticmethod
     def stack_state(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The nets' state dicts as one: each tensor concatenated along dim 0 (counts: the first net's)."""
+        """The nets' state dicts (deepest first) as one: each name's tensors concatenated along dim 0 (counts:
+        the first net's)."""
         out = {}
         for name, t in states[0].items():
-            out[name] = t.clone() if t.dim() == 0 else torch.cat([s[name] for s in states], 0)
+            out[name] = t.clone() if t.dim() == 0 else torch.cat([s[name] for s in states if name in s], 0)
         return out
 
     def unstack(self) -> list[dict[str, torch.Tensor]]:
         """Net k's state dict (views of this net's tensors), for every k."""
-        return [{name: t if t.dim() == 0 else t.chunk(self.k, 0)[i] for name, t in self.state_dict().items()}
-                for i in range(self.k)]
+        state = self.state_dict()
+        return [{name: t if t.dim() == 0 else t.chunk(self.groups[name], 0)[i] for name, t in state.items()
+                 if i < self.groups[name]} for i in range(self.k)]
 
     def bind(self, nets: Sequence[nn.Module]) -> None:
         """Make every parameter and buffer of ``nets`` a view of this network's, so that training this network
@@ -181,7 +214,7 @@ class StackedCifarNets(nn.Module):
             for module_name, module in net.named_modules():
                 prefix = f"{module_name}." if module_name else ""
                 for name, p in module.named_parameters(recurse=False):
-                    p.data = mine[prefix + name].chunk(self.k, 0)[i]
+                    p.data = mine[prefix + name].chunk(self.groups[prefix + name], 0)[i]
                 for name, b in list(module.named_buffers(recurse=False)):
                     t = mine[prefix + name]
-                    module._buffers[name] = t if t.dim() == 0 else t.chunk(self.k, 0)[i]
+                    module._buffers[name] = t if t.dim() == 0 else t.chunk(self.groups[prefix + name], 0)[i]

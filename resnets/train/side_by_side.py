@@ -14,8 +14,9 @@ RNG is not drawn from in training) is saved and restored around every step of ev
 what it would draw alone; on the CPU a run trained
 side by side ends bit-identical to the same run trained alone (``tests/test_side_by_side.py``).
 
-With ``stack=True`` the runs of one CIFAR depth go further and train as one network (:mod:`.stacked`): one
-unit of the scheduler per stack, a stream each.
+With ``stack=True`` CIFAR runs go further and train as one network (:mod:`.stacked`): nets of every depth
+with the same widths and settings in one stack (``stack="depth"``: a stack per depth), one unit of the scheduler
+per stack, a stream each.
 
 On a CPU the runs are interleaved in this one process, which is correct but not faster: there
 ``resnets reproduce`` trains its runs in separate processes with a thread each (measured faster on 2 cores;
@@ -60,15 +61,18 @@ class SideBySideError(RuntimeError):
 
 def train_side_by_side(cfgs: list[TrainConfig], *, data=None,
                        on_log: Callable[[TrainConfig, dict[str, Any]], None] | None = None,
-                       device: str | None = None, stack: bool = False) -> list[TrainResult]:
+                       device: str | None = None, stack: bool | str = False) -> list[TrainResult]:
     """Train every config to its end, one step of each in turn; returns their results in the given order.
 
     ``data``: one :class:`resnets.data.CifarData` for all runs (each still builds its own split, order and
     augmentation from its own seed). ``on_log(cfg, record)`` sees every log record of every run. A run that
     fails does not stop the others; when all have ended, :class:`SideBySideError` names every failure.
-    ``stack``: runs of one CIFAR depth train as one stacked network (:mod:`.stacked`; not bit-identical to
-    the run alone, unlike the default).
+    ``stack``: True (or "all"): CIFAR runs that share their settings train as one stacked network, whatever
+    their depths; "depth": one stacked network per depth (:mod:`.stacked`; not bit-identical to the run alone,
+    unlike the default).
     """
+    if stack not in (False, True, "all", "depth"):
+        raise ValueError(f"stack must be False, True, 'all' or 'depth'; got {stack!r}")
     if not cfgs:
         return []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -95,7 +99,8 @@ def train_side_by_side(cfgs: list[TrainConfig], *, data=None,
     try:
         with contextlib.ExitStack() as owned, stop:   # SIGTERM/SIGINT: every run checkpoints after its step
             if stack:
-                units = _stacked_units(cfgs, ctx, dev, data, logs, stop, owned, new_stream, errors)
+                units = _stacked_units(cfgs, ctx, dev, data, logs, stop, owned, new_stream, errors,
+                                       by_depth=stack == "depth")
             else:
                 units = [_Unit([i], _one(train_steps(cfg, ctx, dev, data, log, stop)), new_stream(), start_rng.clone())
                          for i, (cfg, log) in enumerate(zip(cfgs, logs))]
@@ -133,10 +138,10 @@ def _one(steps: Generator[int, None, TrainResult]) -> Generator[int, None, list]
 
 
 def _stacked_units(cfgs, ctx, dev, data, logs, stop, owned: contextlib.ExitStack, new_stream,
-                   errors: dict[int, BaseException]) -> list[_Unit]:
+                   errors: dict[int, BaseException], by_depth: bool) -> list[_Unit]:
     """Set every run up (each owns its directory until ``owned`` closes), then one unit per stack of runs with
     equal :func:`.stacked.stack_key`, and one per run that stacks with none."""
-    from .stacked import stack_key, stacked_steps
+    from .stacked import stack_key, stack_order, stacked_steps
     groups: dict[Any, list[tuple[int, Run, torch.Tensor]]] = {}
     for i, cfg in enumerate(cfgs):
         member = contextlib.ExitStack()
@@ -148,15 +153,17 @@ def _stacked_units(cfgs, ctx, dev, data, logs, stop, owned: contextlib.ExitStack
             errors[i] = e
             continue
         owned.push(member)
-        key = stack_key(run)
+        key = stack_key(run, by_depth)
         groups.setdefault(("alone", i) if key is None else key, []).append((i, run, torch.get_rng_state()))
     if torch.cuda.is_available():
         torch.cuda.synchronize()   # set-up ran on the default stream; each unit runs on a stream of its own
     units = []
     for members in groups.values():
+        rng = members[-1][2]
+        members = [members[j] for j in stack_order([run for _, run, _ in members])]
         runs = [run for _, run, _ in members]
         steps = stacked_steps(runs, stop) if len(runs) > 1 else _one(loop_steps(runs[0], stop))
-        units.append(_Unit([i for i, _, _ in members], steps, new_stream(), members[-1][2]))
+        units.append(_Unit([i for i, _, _ in members], steps, new_stream(), rng))
     return units
 
 

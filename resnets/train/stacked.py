@@ -1,13 +1,14 @@
-"""Runs of one CIFAR depth trained as one stacked network (:class:`resnets.models.stacked.StackedCifarNets`): one
-forward, backward and update per step for all of them, each net a group of every grouped convolution.
+"""CIFAR runs trained as one stacked network (:class:`resnets.models.stacked.StackedCifarNets`): one forward,
+backward and update per step for all of them, each net a group of every grouped convolution.
 
-    resnets reproduce cifar10 --preset paper --seeds 5 --stack     # on a GPU: 10 runs per depth, 5 stacks
+    resnets reproduce cifar10 --preset paper --seeds 5 --stack     # on a GPU: the 45 runs as one network
+    resnets reproduce cifar10 --preset paper --stack depth         # a network per depth: 5 stacks
     train_side_by_side(cfgs, stack=True)                          # Python
 
 Why: side by side on CUDA streams, the paper preset's nine nets ran 1.74x faster than one at a time on an H200,
 well short of the 3x that Table 6 in one 15-minute session needs, because each step is ~1,000 small kernels that
 already keep the GPU busy (docs/performance.md, "GPU: second session"). Stacked, plain-20 and ResNet-20 (or five
-seeds of ResNet-110) take the kernels of one net.
+seeds of ResNet-110) take the kernels of one net, and the nine nets those of one ResNet-110.
 
 What stays each run's own: its data order and augmentation, learning rate and warm-up (Sec. 4.2, ResNet-110), log,
 evaluations, checkpoints and ``--resume``; the run's own model and optimizer state are views of the stacked ones
@@ -15,8 +16,9 @@ evaluations, checkpoints and ``--resume``; the run's own model and optimizer sta
 same arithmetic summed in other orders (BatchNorm over more channels, a grouped convolution), so a stacked run
 agrees with the run alone to float rounding, not bit for bit (``tests/test_stacked.py``).
 
-Runs stack when their nets have the same shapes and they share the step count, the step they start from, batch,
-optimizer settings, precision and device; any other run of the same call trains side by side as before.
+Runs stack when their nets have the same widths (any depth; the same shapes with ``by_depth``) and they share the
+step count, the step they start from, batch, optimizer settings, precision and device; any other run of the same
+call trains side by side as before.
 """
 from __future__ import annotations
 
@@ -27,13 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from ..models.resnet import CifarResNet
-from ..models.stacked import StackedCifarNets, can_stack, stack_inputs
+from ..models.stacked import StackedCifarNets, can_stack, family_shapes, stack_inputs
 from .graphs import StaticStep, maybe_graph_step
 from .loop import Run, TrainResult, after_step, checkpoint_due, close, finish, next_batch, start
 from .rundir import GracefulStop
 from .step import StepOut
 
-__all__ = ["StackedSGD", "StackedStep", "stack_key", "stacked_steps"]
+__all__ = ["StackedSGD", "StackedStep", "stack_key", "stack_order", "stacked_steps"]
 
 
 class StackedSGD:
@@ -48,19 +50,22 @@ class StackedSGD:
         self.k, self.momentum, self.weight_decay, self.nesterov = model.k, momentum, weight_decay, nesterov
         names = [name for name, _ in model.named_parameters()]
         self.params = [p for _, p in model.named_parameters()]
-        self.members = [[named[name] for name in names] for named in (dict(net.named_parameters()) for net in nets)]
+        self.groups = [model.groups[name] for name in names]   # parameter j: nets 0..groups[j]-1 have it
+        named = [dict(net.named_parameters()) for net in nets]
+        self.members = [[named[i][name] for i in range(g)] for name, g in zip(names, self.groups)]
         self.optimizers = list(optimizers)
         self.lr = torch.zeros(self.k, device=self.params[0].device, dtype=self.params[0].dtype)
         self._lrs: list[float] | None = None
         self.buffers: list[torch.Tensor] | None = None
-        have = [all("momentum_buffer" in opt.state.get(p, {}) for p in ps) for opt, ps in zip(optimizers, self.members)]
+        have = [all("momentum_buffer" in opt.state.get(p, {}) for p in named[i].values())
+                for i, opt in enumerate(optimizers)]
         if any(have):
             if not all(have):
                 raise ValueError("runs to stack must all have momentum buffers (resumed) or none (new)")
             # empty_like keeps each parameter's device and memory format (channels_last convolution weights)
-            self.buffers = [torch.empty_like(p).copy_(torch.cat([opt.state[ps[i]]["momentum_buffer"]
-                                                                 for opt, ps in zip(optimizers, self.members)]))
-                            for i, p in enumerate(self.params)]
+            self.buffers = [torch.empty_like(p).copy_(torch.cat([self.optimizers[i].state[m]["momentum_buffer"]
+                                                                 for i, m in enumerate(ms)]))
+                            for p, ms in zip(self.params, self.members)]
             self._bind_buffers()
 
     def set_lr(self, lrs: Sequence[float]) -> None:
@@ -85,14 +90,14 @@ class StackedSGD:
                 torch._foreach_mul_(self.buffers, self.momentum)
                 torch._foreach_add_(self.buffers, grads)
             grads = torch._foreach_add(grads, self.buffers, alpha=self.momentum) if self.nesterov else self.buffers
-        for p, g in zip(self.params, grads):
-            lr = self.lr.view(self.k, *[1] * p.dim())
-            p.unflatten(0, (self.k, -1)).addcmul_(g.unflatten(0, (self.k, -1)), lr, value=-1)
+        for p, g, k in zip(self.params, grads, self.groups):
+            lr = self.lr[:k].view(k, *[1] * p.dim())
+            p.unflatten(0, (k, -1)).addcmul_(g.unflatten(0, (k, -1)), lr, value=-1)
 
     def _bind_buffers(self) -> None:
-        for i, (opt, ps) in enumerate(zip(self.optimizers, self.members)):
-            for p, b in zip(ps, self.buffers):
-                opt.state[p]["momentum_buffer"] = b.chunk(self.k, 0)[i]
+        for b, ms, k in zip(self.buffers, self.members, self.groups):
+            for i, m in enumerate(ms):
+                self.optimizers[i].state[m]["momentum_buffer"] = b.chunk(k, 0)[i]
 
 
 class StackedStep(StaticStep):
@@ -127,19 +132,26 @@ _SHARED = ("steps", "batch_size", "momentum", "weight_decay", "nesterov", "label
            "channels_last", "compile", "cuda_graph", "device", "dataset", "data")
 
 
-def stack_key(run: Run) -> tuple | None:
-    """Runs with equal keys train as one stack; None: this run does not stack."""
+def stack_key(run: Run, by_depth: bool = False) -> tuple | None:
+    """Runs with equal keys train as one stack; None: this run does not stack. Nets of different depths share a
+    key unless ``by_depth``."""
     cfg = run.cfg
     if not can_stack([run.model])[0]:
         return None
     if cfg.on_nan == "skip" or cfg.weights or cfg.sync_bn or run.ctx.enabled:
         return None
-    shapes = tuple((n, tuple(t.shape)) for n, t in run.model.state_dict().items())
+    shapes = (tuple((n, tuple(t.shape)) for n, t in run.model.state_dict().items()) if by_depth
+              else family_shapes(run.model))
     return (shapes, run.start, str(run.rt.device)) + tuple(repr(getattr(cfg, f, None)) for f in _SHARED)
 
 
+def stack_order(runs: Sequence[Run]) -> list[int]:
+    """The order runs of one key stack in: deepest net first (:class:`StackedCifarNets`), else as given."""
+    return sorted(range(len(runs)), key=lambda i: -runs[i].model.depth)
+
+
 class _Stack:
-    """The stacked model, optimizer and step of ``runs`` (same :func:`stack_key`)."""
+    """The stacked model, optimizer and step of ``runs`` (same :func:`stack_key`, in :func:`stack_order`)."""
 
     def __init__(self, runs: Sequence[Run]):
         rt, cfg = runs[0].rt, runs[0].cfg
@@ -163,8 +175,9 @@ class _Stack:
 
 def stacked_steps(runs: Sequence[Run], stop: GracefulStop | None
                   ) -> Generator[int, None, list[TrainResult | BaseException]]:
-    """Train set-up runs (:func:`resnets.train.loop.setup`) of one :func:`stack_key` as one stack, yielding after
-    every step; returns each run's result, or the exception that ended it (the others train on)."""
+    """Train set-up runs (:func:`resnets.train.loop.setup`) of one :func:`stack_key`, in :func:`stack_order`, as
+    one stack, yielding after every step; returns each run's result, or the exception that ended it (the others
+    train on)."""
     try:
         stack = _Stack(runs)
     except BaseException:
