@@ -156,6 +156,8 @@ def load_source(checkpoint: str | os.PathLike | None = None, model: str | None =
             src = _torchvision_source(net, model, weights)
         elif pretrained.is_pretrained_tag(weights):  # the shipped file is a checkpoint: classes, per-pixel mean
             src = _from_checkpoint(ck.load_checkpoint(pretrained.checked_path(model, weights), with_state=False), net)
+        elif weights is not None and _is_resnets_checkpoint(weights):   # a file of ours: its classes, preprocessing
+            src = _from_checkpoint(ck.load_checkpoint(weights, with_state=False), net)
         else:
             src = ExportSource(net, image_size_for(model), center_crop=_is_imagenet_family(model))
         src.weights = src.weights or (None if weights is None else str(weights))
@@ -164,6 +166,16 @@ def load_source(checkpoint: str | os.PathLike | None = None, model: str | None =
         raise ck.CheckpointError(f"{checkpoint or model}: {len(src.classes)} class names for a network with "
                                  f"{n_out} outputs")
     return src
+
+
+def _is_resnets_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether a weights file carries resnets' metadata (model name, classes, preprocessing)."""
+    if not Path(path).is_file():
+        return False
+    try:
+        return bool(ck.load_checkpoint(path, with_state=False).model_name)
+    except (ck.CheckpointError, OSError, ValueError):
+        return False
 
 
 def load_for_export(checkpoint: str | os.PathLike | None = None, model: str | None = None,

@@ -10,6 +10,7 @@ import torch
 import resnets
 from resnets.cli import main
 from resnets.data.augment import Normalizer
+from resnets.models import pretrained
 from resnets.export import (TOLERANCE, ExportError, _torchvision_source, export, export_metadata, export_model,
                             load_source, read_metadata)
 from resnets.models import BasicBlock, Bottleneck, create_model
@@ -170,6 +171,10 @@ def test_shipped_and_torchvision_weights_carry_classes_and_preprocessing():
     meta = export_metadata(src, (1, 3, 32, 32), 10, True)
     assert meta["classes"][:3] == ["airplane", "automobile", "bird"] and meta["weights"] == "cifar10"
     assert meta["preprocess"]["mode"] == "pixel-mean" and np.shape(meta["preprocess"]["mean"]) == (3, 32, 32)
+    # the same file given by its path (--weights FILE) carries the same classes and preprocessing
+    path = str(pretrained.checked_path("resnet20", "cifar10"))
+    by_path = export_metadata(load_source(model="resnet20", weights=path), (1, 3, 32, 32), 10, True)
+    assert {**by_path, "weights": "cifar10"} == meta and by_path["weights"] == path
     # torchvision's weights: its class names and transforms, known offline (the weights are not fetched here)
     src = _torchvision_source(create_model("resnet18"), "resnet18", "torchvision")
     meta = export_metadata(src, (1, 3, 224, 224), 1000, True)

@@ -192,7 +192,9 @@ def _load_weights(model: nn.Module, name: str, weights: Any, weights_url: str | 
         sd = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith("preprocess.")}
         source = f"the shipped {weights!r} weights ({path.name})"
     elif isinstance(weights, (str, os.PathLike)):
-        sd, source = load_state_dict_file(weights), os.fspath(weights)
+        # a resnets checkpoint's weights file also holds its preprocessing, which is not the network's
+        sd = {k: v for k, v in load_state_dict_file(weights).items() if not k.startswith("preprocess.")}
+        source = os.fspath(weights)
     else:
         raise ValueError(f"weights must be None, a shipped tag such as 'cifar10', 'torchvision', 'torchvision:TAG' "
                          f"or a file path; got {weights!r}")
