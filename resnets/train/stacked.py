@@ -40,7 +40,9 @@ __all__ = ["StackedSGD", "StackedStep", "stack_key", "stack_order", "stacked_ste
 
 class StackedSGD:
     """``torch.optim.SGD``'s update (momentum without dampening, weight decay, Nesterov) on stacked parameters,
-    with a learning rate per net in a device tensor: a new rate is a copy into it, not a new CUDA graph.
+    with a learning rate per net in device tensors: a new rate is a copy into them, not a new CUDA graph.
+    ``lr_full[j]`` holds each element's rate in parameter j's shape, so that the update is one multi-tensor
+    (foreach) kernel like torch's, not a kernel per parameter (328 of them for a ResNet-110 stack).
 
     ``optimizers`` are the runs' own SGD optimizers: their momentum buffers become views of the stacked ones,
     so a run's checkpoint holds its own momentum."""
@@ -55,6 +57,7 @@ class StackedSGD:
         self.members = [[named[i][name] for i in range(g)] for name, g in zip(names, self.groups)]
         self.optimizers = list(optimizers)
         self.lr = torch.zeros(self.k, device=self.params[0].device, dtype=self.params[0].dtype)
+        self.lr_full = [torch.zeros_like(p) for p in self.params]
         self._lrs: list[float] | None = None
         self.buffers: list[torch.Tensor] | None = None
         have = [all("momentum_buffer" in opt.state.get(p, {}) for p in named[i].values())
@@ -69,8 +72,10 @@ class StackedSGD:
             self._bind_buffers()
 
     def set_lr(self, lrs: Sequence[float]) -> None:
-        if list(lrs) != self._lrs:   # a host-to-device copy only when a rate changes (milestones, warm-up's end)
+        if list(lrs) != self._lrs:   # copies only when a rate changes (milestones, warm-up's end)
             self.lr.copy_(torch.tensor(list(lrs), dtype=self.lr.dtype))
+            for t, k in zip(self.lr_full, self.groups):
+                t.copy_(self.lr[:k].repeat_interleave(t.shape[0] // k).view(-1, *[1] * (t.dim() - 1)).expand_as(t))
             self._lrs = list(lrs)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -90,9 +95,9 @@ class StackedSGD:
                 torch._foreach_mul_(self.buffers, self.momentum)
                 torch._foreach_add_(self.buffers, grads)
             grads = torch._foreach_add(grads, self.buffers, alpha=self.momentum) if self.nesterov else self.buffers
-        for p, g, k in zip(self.params, grads, self.groups):
-            lr = self.lr[:k].view(k, *[1] * p.dim())
-            p.unflatten(0, (k, -1)).addcmul_(g.unflatten(0, (k, -1)), lr, value=-1)
+        if self._lrs is None:
+            raise RuntimeError("StackedSGD.step before set_lr: no learning rates")
+        torch._foreach_addcmul_(self.params, grads, self.lr_full, value=-1)
 
     def _bind_buffers(self) -> None:
         for b, ms, k in zip(self.buffers, self.members, self.groups):
