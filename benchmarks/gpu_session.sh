@@ -18,8 +18,9 @@
 #        CUDA_DEVICE_MAX_CONNECTIONS=32 (and fused SGD), then ResNet-50 with compile in the graph (run on
 #        2026-11-27 with --infer-cuda-graphs too, an option removed since); BUDGET seconds in all (default 470).
 # suite: benchmarks/gpu_suite.sh (graph vs eager losses, CIFAR graph speed, ResNet-50 vs torchvision/timm).
-# stack: (prepared 2026-11-27, not yet run) the stacked runs of resnets.train.stacked, by depth and all in one
-#        network, against one at a time and side by side: the nine nets (graphs and end to end), the nine x 5
+# stack: (prepared 2026-11-27, not yet run) first a check that a captured stack trains like its nets alone
+#        (losses of ResNet-56, ResNet-20, plain-20 with their own lrs), then the stacked runs of
+#        resnets.train.stacked, by depth and all in one network, against one at a time and side by side: the nine nets (graphs and end to end), the nine x 5
 #        seeds (graphs), then with compile in the graph; BUDGET seconds in all (default 470). Then, if it pays: STACK=1 DEPTHS=20,32,44,56,110 for
 #        `paper` trains the whole preset stacked (LIMIT per call; a later call resumes).
 set -uo pipefail

@@ -20,6 +20,11 @@ end, ``train_side_by_side(stack="depth")`` and ``stack=True`` (all). The set "ni
 each (``--seeds 5``, as Table 6 reports ResNet-110), 45 runs: 10 per stack at depths 20-56, 5 at 110.
 
 Ratio = (sum of the nets' ms/step alone) / (ms per round side by side): the aggregate throughput gain.
+
+First of all, a check that the stacked step trains like the nets alone (``stacked_parity``): ResNet-56, ResNet-20
+and plain-20, each with a learning rate of its own that drops 10x half-way (a copy into the graph's rate tensors,
+no re-capture), 100 steps on 8 fixed batches (the nets memorise them, so a wrong rate or batch shows in the loss)
+eagerly alone, eagerly alone again (the GPU's run-to-run floor), and stacked in one captured graph.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ from resnets.train import train  # noqa: E402
 from resnets.models.stacked import StackedCifarNets  # noqa: E402
 from resnets.train.graphs import StaticStep  # noqa: E402
 from resnets.train.runtime import pick_runtime  # noqa: E402
+from resnets.train.step import make_eager_step  # noqa: E402
 from resnets.train.side_by_side import train_side_by_side  # noqa: E402
 from resnets.train.stacked import StackedSGD, StackedStep  # noqa: E402
 
@@ -104,6 +110,55 @@ def stacked_statics(nets, batch: int, rt, compile: bool, by_depth: bool = True) 
             s(x, y)
         statics.append(s)
     return statics
+
+
+def stacked_parity(nets, batch: int, steps: int) -> dict:
+    """Each net trained alone (eager, twice) and all of them stacked (captured on a GPU) on the same batches:
+    the largest |loss difference| per net, stacked vs alone next to alone vs alone."""
+    from resnets.data import DeviceLoader, Normalizer
+    rt = pick_runtime("auto")
+    nets = sorted(nets, key=lambda nd: -nd[1])          # a stack is deepest first
+    lrs = [0.1 / 2 ** i for i in range(len(nets))]      # a rate of its own per net
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8 * batch, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (8 * batch,), generator=g)
+    loader = DeviceLoader(images, labels, batch, rt.device, train=True, normalizer=Normalizer("pixel-mean", images),
+                          seed=0, channels_last=rt.channels_last)
+    torch.manual_seed(0)
+    base = [create_model(f"{n}20", depth=d).to(rt.device, memory_format=rt.memory_format).train() for n, d in nets]
+    copies = {k: [type(m)(m.depth, residual=m.residual).to(rt.device, memory_format=rt.memory_format).train()
+                  for m in base] for k in ("alone", "again", "stacked")}
+    for ms in copies.values():
+        for m, b in zip(ms, base):
+            m.load_state_dict(b.state_dict())
+    opts = {k: [torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4) for m, lr in zip(ms, lrs)]
+            for k, ms in copies.items()}
+    eager = {k: [make_eager_step(m, o, rt) for m, o in zip(copies[k], opts[k])] for k in ("alone", "again")}
+    stacked = StackedCifarNets(copies["stacked"]).to(rt.device, memory_format=rt.memory_format).train()
+    stacked.bind(copies["stacked"])
+    sgd = StackedSGD(stacked, copies["stacked"], opts["stacked"], 0.9, 1e-4, False)
+    step = StackedStep(stacked, sgd, rt.autocast, (batch, 3, 32, 32), rt.device, rt.memory_format,
+                       capture=rt.is_cuda, k=len(nets))
+    losses: dict[str, list] = {"alone": [], "again": [], "stacked": []}
+    for i in range(steps):
+        if i == steps // 2:
+            lrs = [lr / 10 for lr in lrs]
+            for k in ("alone", "again"):
+                for o, lr in zip(opts[k], lrs):
+                    o.param_groups[0]["lr"] = lr
+        x, y = loader.batch(i % 8)
+        for k in ("alone", "again"):
+            losses[k].append(torch.stack([f(x, y).loss.float() for f in eager[k]]))
+        sgd.set_lr(lrs)
+        losses["stacked"].append(step(x.repeat(1, len(nets), 1, 1), y[:, None].expand(-1, len(nets))).loss.float())
+    curves = {k: torch.stack(v).cpu() for k, v in losses.items()}     # (steps, nets)
+    return {"nets": [f"{n}-{d}" for n, d in nets], "steps": steps, "batch": batch, "runtime": rt.describe(),
+            "captured": step.graph is not None, "replays": step.replays, "captures": step.captures,
+            "max_abs_diff_stacked_vs_alone": (curves["stacked"] - curves["alone"]).abs().amax(0).tolist(),
+            "max_abs_diff_alone_vs_alone": (curves["again"] - curves["alone"]).abs().amax(0).tolist(),
+            "first_loss": curves["alone"][0].tolist(), "last_loss_alone": curves["alone"][-1].tolist(),
+            "last_loss_stacked": curves["stacked"][-1].tolist(),
+            "finite": bool(torch.isfinite(curves["stacked"]).all())}
 
 
 def graphs_part(nets, batch: int, rounds: int, smoke: bool, fused_sgd: bool = False, compile: bool = False,
@@ -245,6 +300,16 @@ def end_to_end_part(nets, data, steps: int, batch: int, root: Path, stack: bool 
 
 def table(res: dict) -> str:
     lines = []
+    q = res.get("parity")
+    if q:
+        lines += [f"stacked vs alone, {q['steps']} steps ({q['runtime']}, batch {q['batch']}, "
+                  f"{'captured: ' + str(q['replays']) + ' replays, ' + str(q['captures']) + ' capture(s)' if q['captured'] else 'eager'}):",
+                  "| net | first loss | last loss alone / stacked | max abs loss diff stacked vs alone | alone vs alone |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {n} | {f:.3f} | {a:.3f} / {b:.3f} | {d:.3g} | {e:.3g} |" for n, f, a, b, d, e in
+                  zip(q["nets"], q["first_loss"], q["last_loss_alone"], q["last_loss_stacked"],
+                      q["max_abs_diff_stacked_vs_alone"], q["max_abs_diff_alone_vs_alone"])]
+        lines.append("")
     g = res.get("graphs")
     if g:
         lines += [f"graphs only, {len(g['nets'])} nets ({g['runtime']}, batch {g['batch']}, {g.get('sgd', 'foreach')} SGD, "
@@ -292,6 +357,7 @@ def main(argv=None) -> int:
     p.add_argument("--graph-set", default="nine", choices=list(SETS), help="graphs only: which nets")
     p.add_argument("--skip-graphs", action="store_true")
     p.add_argument("--no-stack", dest="stack", action="store_false", help="skip the stacked rows")
+    p.add_argument("--parity-steps", type=int, default=100, help="steps of the stacked-vs-alone loss check")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -321,6 +387,12 @@ def main(argv=None) -> int:
         save()
         log(f"[side_by_side] {what}: {time.perf_counter() - t:.1f} s")
 
+    if args.stack:
+        def q():
+            res["parity"] = stacked_parity([("resnet", small(56)), ("resnet", small(20)), ("plain", small(20))],
+                                           batch, 4 if args.smoke else args.parity_steps)
+            log(table({"parity": res["parity"], "errors": []}))
+        part("stacked parity", q)
     if not args.skip_graphs:
         def g():
             res["graphs"] = graphs_part([(n, small(d)) for n, d in SETS[args.graph_set]], batch,

@@ -185,6 +185,9 @@ def test_side_by_side_benchmark_smoke_with_stacks(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "side_by_side.json").read_text())
     assert not res["errors"]
+    q = res["parity"]    # the stacked step trains like the nets alone: here eagerly, in fp32
+    assert q["finite"] and q["nets"] == ["resnet-14", "resnet-8", "plain-8"]
+    assert max(q["max_abs_diff_stacked_vs_alone"]) < 1e-4 and max(q["max_abs_diff_alone_vs_alone"]) == 0
     assert res["graphs"]["stacks"] == [2, 1] and res["graphs"]["stacked_one_stream_ms"] > 0
     assert res["graphs"]["stacked_all_ms"] > 0
     assert res["end_to_end"]["r20+p20"]["stacked_ms_per_round"] > 0
