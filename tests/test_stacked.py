@@ -2,6 +2,7 @@
 depth or of several, the stacked SGD is torch's SGD per net, and stacked runs train like the runs alone (to float
 rounding), keep their own schedules, logs and checkpoints, and resume after a kill -9 or a SIGTERM bit-identical to
 an unbroken stacked run."""
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -146,25 +147,45 @@ def stacked(tiny_cifar, tmp_path_factory):
     return train_side_by_side(cfgs(tiny_cifar, root, steps=STEPS), data=data, stack=True)
 
 
+@contextlib.contextmanager
+def _stacks_seen():
+    """The run names of every stack built inside, in stack order."""
+    from resnets.train import stacked as module
+    seen: list[list[str]] = []
+    init = module._Stack.__init__
+
+    def spy(self, runs):
+        seen.append([Path(r.cfg.out).name for r in runs])
+        init(self, runs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module._Stack, "__init__", spy)
+        yield seen
+
+
 @pytest.fixture(scope="module")
 def depths(tiny_cifar, tmp_path_factory):
-    """(alone, stacked): r8, p8 and r14 of one length, each trained alone, and the three as one stack."""
+    """(alone, stacked, stacks): r8, p8 and r14 of one length, each trained alone, and the three as one stack."""
     alone = [train(c) for c in _same_steps(tiny_cifar, tmp_path_factory.mktemp("alone-same-steps"))]
-    return alone, train_side_by_side(_same_steps(tiny_cifar, tmp_path_factory.mktemp("depths")), stack=True)
+    with _stacks_seen() as seen:
+        together = train_side_by_side(_same_steps(tiny_cifar, tmp_path_factory.mktemp("depths")), stack=True)
+    return alone, together, seen
 
 
 def test_runs_of_several_depths_stack_and_train_like_the_runs_alone(depths):
     """ResNet-14 stacks with ResNet-8 and plain-8 (given shallowest first: the stack puts it first); its losses,
     on r14's own validation split too, are the run's alone within 1% (measured: 0.3% at most)."""
-    alone, together = depths
+    alone, together, seen = depths
+    assert seen == [["r14", "r8", "p8"]]
     for a, s in zip(alone, together):
         _close_runs(a.out, s.out, later=1e-2)
         assert s.step == a.step == STEPS
 
 
 def test_stack_by_depth_leaves_another_depth_alone_bit_for_bit(tiny_cifar, depths, tmp_path):
-    alone, _ = depths
-    together = train_side_by_side(_same_steps(tiny_cifar, tmp_path), stack="depth")
+    alone = depths[0]
+    with _stacks_seen() as seen:
+        together = train_side_by_side(_same_steps(tiny_cifar, tmp_path), stack="depth")
+    assert seen == [["r8", "p8"]]
     for a, s in zip(alone[:2], together[:2]):
         _close_runs(a.out, s.out, later=1e-2)
     assert_same_run(alone[2].out, together[2].out)
