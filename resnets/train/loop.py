@@ -69,11 +69,14 @@ def train(cfg: TrainConfig, *, data=None, on_log: Callable[[dict[str, Any]], Non
     Launched by torchrun (``WORLD_SIZE`` > 1), the process joins the process group, trains its share of every
     global batch under DistributedDataParallel and leaves the group at the end."""
     ctx, device = ddp.setup(cfg.device)
+    clean = False
     try:
         with GracefulStop() as stop:
-            return run_to_end(train_steps(cfg, ctx, device, data, on_log, stop))
+            result = run_to_end(train_steps(cfg, ctx, device, data, on_log, stop))
+        clean = True
+        return result
     finally:
-        ddp.teardown(ctx)
+        ddp.teardown(ctx, clean)
 
 
 def run_to_end(steps: Iterator[int]) -> TrainResult:
