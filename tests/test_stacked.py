@@ -193,6 +193,17 @@ def test_stack_by_depth_leaves_another_depth_alone_bit_for_bit(tiny_cifar, depth
         train_side_by_side(_same_steps(tiny_cifar, tmp_path / "x"), stack="yes")
 
 
+def test_a_net_that_does_not_stack_trains_alone_beside_a_stack(tiny_cifar, tmp_path):
+    """ResNet-18 (an ImageNet net, no ``depth`` attribute) with stack=True: it trains on its own, as without
+    stacking; the two CIFAR runs stack."""
+    r8, p8, _ = cfgs(tiny_cifar, tmp_path, steps=8)
+    r18 = r8.__class__(**{**r8.to_dict(), "milestones": tuple(r8.milestones), "model": "resnet18",
+                          "model_kwargs": {}, "out": str(tmp_path / "r18")})
+    with _stacks_seen() as seen:
+        results = train_side_by_side([r18, r8, p8], stack=True)
+    assert seen == [["r8", "p8"]] and [r.step for r in results] == [8, 8, 8]
+
+
 def test_stacked_runs_train_like_the_runs_alone(tiny_cifar, stacked, tmp_path_factory):
     """r8 and p8 (ResNet-8, plain-8) stack; r14 (another length) trains beside them as before, bit for bit."""
     alone = [train(c) for c in cfgs(tiny_cifar, tmp_path_factory.mktemp("alone"), steps=STEPS)]

@@ -152,7 +152,7 @@ def stack_key(run: Run, by_depth: bool = False) -> tuple | None:
 
 def stack_order(runs: Sequence[Run]) -> list[int]:
     """The order runs of one key stack in: deepest net first (:class:`StackedCifarNets`), else as given."""
-    return sorted(range(len(runs)), key=lambda i: -runs[i].model.depth)
+    return sorted(range(len(runs)), key=lambda i: -getattr(runs[i].model, "depth", 0))
 
 
 class _Stack:
