@@ -154,12 +154,10 @@ def load_source(checkpoint: str | os.PathLike | None = None, model: str | None =
         net = create_model(model, weights=weights)
         if isinstance(weights, str) and weights.split(":", 1)[0] == "torchvision":
             src = _torchvision_source(net, model, weights)
-        elif pretrained.is_pretrained_tag(weights):  # the shipped file is a checkpoint: classes, per-pixel mean
-            src = _from_checkpoint(ck.load_checkpoint(pretrained.checked_path(model, weights), with_state=False), net)
-        elif weights is not None and _is_resnets_checkpoint(weights):   # a file of ours: its classes, preprocessing
-            src = _from_checkpoint(ck.load_checkpoint(weights, with_state=False), net)
-        else:
-            src = ExportSource(net, image_size_for(model), center_crop=_is_imagenet_family(model))
+        else:   # a shipped file or a file of ours is a checkpoint: its classes and preprocessing come along
+            c = _checkpoint_of(model, weights)
+            src = _from_checkpoint(c, net) if c is not None else \
+                ExportSource(net, image_size_for(model), center_crop=_is_imagenet_family(model))
         src.weights = src.weights or (None if weights is None else str(weights))
     n_out = src.net.fc.out_features if isinstance(getattr(src.net, "fc", None), nn.Linear) else None
     if src.classes and n_out is not None and n_out != len(src.classes):
@@ -168,14 +166,20 @@ def load_source(checkpoint: str | os.PathLike | None = None, model: str | None =
     return src
 
 
-def _is_resnets_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether a weights file carries resnets' metadata (model name, classes, preprocessing)."""
-    if not Path(path).is_file():
-        return False
+def _checkpoint_of(model: str, weights: str | os.PathLike | None) -> ck.Checkpoint | None:
+    """The checkpoint (metadata only) behind ``weights``: the shipped file of a tag, or a weights file that
+    carries resnets' metadata; None for random weights or a bare state_dict file."""
+    if weights is None:
+        return None
+    if pretrained.is_pretrained_tag(weights):
+        return ck.load_checkpoint(pretrained.checked_path(model, weights), with_state=False)
+    if not Path(weights).is_file():
+        return None
     try:
-        return bool(ck.load_checkpoint(path, with_state=False).model_name)
+        c = ck.load_checkpoint(weights, with_state=False)
     except (ck.CheckpointError, OSError, ValueError):
-        return False
+        return None
+    return c if c.model_name else None
 
 
 def load_for_export(checkpoint: str | os.PathLike | None = None, model: str | None = None,

@@ -189,15 +189,14 @@ def _load_weights(model: nn.Module, name: str, weights: Any, weights_url: str | 
     elif pretrained.is_pretrained_tag(weights):
         path = pretrained.checked_path(name, weights)
         # the file is a resnets checkpoint: the preprocessing (per-pixel mean) rides along under "preprocess."
-        sd = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith("preprocess.")}
-        source = f"the shipped {weights!r} weights ({path.name})"
+        sd, source = load_state_dict_file(path), f"the shipped {weights!r} weights ({path.name})"
     elif isinstance(weights, (str, os.PathLike)):
-        # a resnets checkpoint's weights file also holds its preprocessing, which is not the network's
-        sd = {k: v for k, v in load_state_dict_file(weights).items() if not k.startswith("preprocess.")}
-        source = os.fspath(weights)
+        sd, source = load_state_dict_file(weights), os.fspath(weights)
     else:
         raise ValueError(f"weights must be None, a shipped tag such as 'cifar10', 'torchvision', 'torchvision:TAG' "
                          f"or a file path; got {weights!r}")
+    # a resnets checkpoint's weights file (shipped ones are such files) also holds its preprocessing, not the net's
+    sd = {k: v for k, v in sd.items() if not k.startswith("preprocess.")}
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:

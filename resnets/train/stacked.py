@@ -56,7 +56,6 @@ class StackedSGD:
         named = [dict(net.named_parameters()) for net in nets]
         self.members = [[named[i][name] for i in range(g)] for name, g in zip(names, self.groups)]
         self.optimizers = list(optimizers)
-        self.lr = torch.zeros(self.k, device=self.params[0].device, dtype=self.params[0].dtype)
         self.lr_full = [torch.zeros_like(p) for p in self.params]
         self._lrs: list[float] | None = None
         self.buffers: list[torch.Tensor] | None = None
@@ -73,9 +72,9 @@ class StackedSGD:
 
     def set_lr(self, lrs: Sequence[float]) -> None:
         if list(lrs) != self._lrs:   # copies only when a rate changes (milestones, warm-up's end)
-            self.lr.copy_(torch.tensor(list(lrs), dtype=self.lr.dtype))
+            lr = torch.tensor(list(lrs), dtype=self.params[0].dtype, device=self.params[0].device)
             for t, k in zip(self.lr_full, self.groups):
-                t.copy_(self.lr[:k].repeat_interleave(t.shape[0] // k).view(-1, *[1] * (t.dim() - 1)).expand_as(t))
+                t.copy_(lr[:k].repeat_interleave(t.shape[0] // k).view(-1, *[1] * (t.dim() - 1)).expand_as(t))
             self._lrs = list(lrs)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -119,7 +118,7 @@ class StackedStep(StaticStep):
         return (n, self.k * c, h, w), (n, self.k)
 
     def lr(self):
-        return None    # in a tensor the graph reads (StackedSGD.lr): no re-capture when it changes
+        return None    # in tensors the graph reads (StackedSGD.lr_full): no re-capture when it changes
 
     def _body(self) -> None:
         with self.autocast():
