@@ -24,7 +24,9 @@ Ratio = (sum of the nets' ms/step alone) / (ms per round side by side): the aggr
 First of all, a check that the stacked step trains like the nets alone (``stacked_parity``): ResNet-56, ResNet-20
 and plain-20, each with a learning rate of its own that drops 10x half-way (a copy into the graph's rate tensors,
 no re-capture), 100 steps on 8 fixed batches (the nets memorise them, so a wrong rate or batch shows in the loss)
-eagerly alone, eagerly alone again (the GPU's run-to-run floor), and stacked in one captured graph.
+eagerly alone, eagerly alone again (the GPU's run-to-run floor), eagerly alone in the other memory format (other
+kernels, same arithmetic: how far this training amplifies a change of rounding order), and stacked in one captured
+graph; the loss curves go into the JSON.
 """
 from __future__ import annotations
 
@@ -113,8 +115,13 @@ def stacked_statics(nets, batch: int, rt, compile: bool, by_depth: bool = True) 
 
 
 def stacked_parity(nets, batch: int, steps: int) -> dict:
-    """Each net trained alone (eager, twice) and all of them stacked (captured on a GPU) on the same batches:
-    the largest |loss difference| per net, stacked vs alone next to alone vs alone."""
+    """Each net trained alone (eager, twice, and once in the other memory format) and all of them stacked
+    (captured on a GPU) on the same batches: the largest |loss difference| per net, stacked vs alone next to two
+    floors. Alone vs alone is the run-to-run floor (0 where the kernels are deterministic). Alone in the other
+    memory format runs other convolution kernels on the same arithmetic, so it measures how far this training
+    amplifies a change of rounding order, which is all a correct stack changes: on 2026-11-27 (H200, bf16, lr 0.1
+    on memorised random labels) stacked vs alone differed by up to 1.08 in loss while alone vs alone was 0,
+    which that floor alone could not tell apart from a bug."""
     from resnets.data import DeviceLoader, Normalizer
     rt = pick_runtime("auto")
     nets = sorted(nets, key=lambda nd: -nd[1])          # a stack is deepest first
@@ -126,29 +133,33 @@ def stacked_parity(nets, batch: int, steps: int) -> dict:
                           seed=0, channels_last=rt.channels_last)
     torch.manual_seed(0)
     base = [create_model(f"{n}20", depth=d).to(rt.device, memory_format=rt.memory_format).train() for n, d in nets]
-    copies = {k: [type(m)(m.depth, residual=m.residual).to(rt.device, memory_format=rt.memory_format).train()
-                  for m in base] for k in ("alone", "again", "stacked")}
+    other = torch.contiguous_format if rt.memory_format == torch.channels_last else torch.channels_last
+    fmt = {"alone": rt.memory_format, "again": rt.memory_format, "layout": other, "stacked": rt.memory_format}
+    copies = {k: [type(m)(m.depth, residual=m.residual).to(rt.device, memory_format=f).train() for m in base]
+              for k, f in fmt.items()}
     for ms in copies.values():
         for m, b in zip(ms, base):
             m.load_state_dict(b.state_dict())
     opts = {k: [torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4) for m, lr in zip(ms, lrs)]
             for k, ms in copies.items()}
-    eager = {k: [make_eager_step(m, o, rt) for m, o in zip(copies[k], opts[k])] for k in ("alone", "again")}
+    alone = ("alone", "again", "layout")
+    eager = {k: [make_eager_step(m, o, rt) for m, o in zip(copies[k], opts[k])] for k in alone}
     stacked = StackedCifarNets(copies["stacked"]).to(rt.device, memory_format=rt.memory_format).train()
     stacked.bind(copies["stacked"])
     sgd = StackedSGD(stacked, copies["stacked"], opts["stacked"], 0.9, 1e-4, False)
     step = StackedStep(stacked, sgd, rt.autocast, (batch, 3, 32, 32), rt.device, rt.memory_format,
                        capture=rt.is_cuda, k=len(nets))
-    losses: dict[str, list] = {"alone": [], "again": [], "stacked": []}
+    losses: dict[str, list] = {k: [] for k in fmt}
     for i in range(steps):
         if i == steps // 2:
             lrs = [lr / 10 for lr in lrs]
-            for k in ("alone", "again"):
+            for k in alone:
                 for o, lr in zip(opts[k], lrs):
                     o.param_groups[0]["lr"] = lr
         x, y = loader.batch(i % 8)
-        for k in ("alone", "again"):
-            losses[k].append(torch.stack([f(x, y).loss.float() for f in eager[k]]))
+        for k in alone:
+            xk = x.contiguous(memory_format=fmt[k])
+            losses[k].append(torch.stack([f(xk, y).loss.float() for f in eager[k]]))
         sgd.set_lr(lrs)
         losses["stacked"].append(step(x.repeat(1, len(nets), 1, 1), y[:, None].expand(-1, len(nets))).loss.float())
     curves = {k: torch.stack(v).cpu() for k, v in losses.items()}     # (steps, nets)
@@ -156,6 +167,9 @@ def stacked_parity(nets, batch: int, steps: int) -> dict:
             "captured": step.graph is not None, "replays": step.replays, "captures": step.captures,
             "max_abs_diff_stacked_vs_alone": (curves["stacked"] - curves["alone"]).abs().amax(0).tolist(),
             "max_abs_diff_alone_vs_alone": (curves["again"] - curves["alone"]).abs().amax(0).tolist(),
+            "max_abs_diff_other_layout": (curves["layout"] - curves["alone"]).abs().amax(0).tolist(),
+            "other_layout": "channels_last" if other == torch.channels_last else "contiguous",
+            "curves": {k: [[round(v, 5) for v in row] for row in c.tolist()] for k, c in curves.items()},
             "first_loss": curves["alone"][0].tolist(), "last_loss_alone": curves["alone"][-1].tolist(),
             "last_loss_stacked": curves["stacked"][-1].tolist(),
             "finite": bool(torch.isfinite(curves["stacked"]).all())}
@@ -304,11 +318,13 @@ def table(res: dict) -> str:
     if q:
         lines += [f"stacked vs alone, {q['steps']} steps ({q['runtime']}, batch {q['batch']}, "
                   f"{'captured: ' + str(q['replays']) + ' replays, ' + str(q['captures']) + ' capture(s)' if q['captured'] else 'eager'}):",
-                  "| net | first loss | last loss alone / stacked | max abs loss diff stacked vs alone | alone vs alone |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {n} | {f:.3f} | {a:.3f} / {b:.3f} | {d:.3g} | {e:.3g} |" for n, f, a, b, d, e in
+                  "| net | first loss | last loss alone / stacked | max abs loss diff stacked vs alone | alone vs alone "
+                  f"| alone, {q.get('other_layout', 'other layout')} |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {n} | {f:.3f} | {a:.3f} / {b:.3f} | {d:.3g} | {e:.3g} | {o:.3g} |" for n, f, a, b, d, e, o in
                   zip(q["nets"], q["first_loss"], q["last_loss_alone"], q["last_loss_stacked"],
-                      q["max_abs_diff_stacked_vs_alone"], q["max_abs_diff_alone_vs_alone"])]
+                      q["max_abs_diff_stacked_vs_alone"], q["max_abs_diff_alone_vs_alone"],
+                      q.get("max_abs_diff_other_layout", [float("nan")] * len(q["nets"])))]
         lines.append("")
     g = res.get("graphs")
     if g:

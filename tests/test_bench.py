@@ -188,6 +188,8 @@ def test_side_by_side_benchmark_smoke_with_stacks(tmp_path):
     q = res["parity"]    # the stacked step trains like the nets alone: here eagerly, in fp32
     assert q["finite"] and q["nets"] == ["resnet-14", "resnet-8", "plain-8"]
     assert max(q["max_abs_diff_stacked_vs_alone"]) < 1e-4 and max(q["max_abs_diff_alone_vs_alone"]) == 0
+    assert q["other_layout"] in ("channels_last", "contiguous") and max(q["max_abs_diff_other_layout"]) < 1e-2
+    assert len(q["curves"]["stacked"]) == 4 and len(q["curves"]["layout"][0]) == 3
     assert res["graphs"]["stacks"] == [2, 1] and res["graphs"]["stacked_one_stream_ms"] > 0
     assert res["graphs"]["stacked_all_ms"] > 0
     assert res["end_to_end"]["r20+p20"]["stacked_ms_per_round"] > 0
