@@ -18,7 +18,10 @@
 #        CUDA_DEVICE_MAX_CONNECTIONS=32 (and fused SGD), then ResNet-50 with compile in the graph (run on
 #        2026-11-27 with --infer-cuda-graphs too, an option removed since); BUDGET seconds in all (default 470).
 # suite: benchmarks/gpu_suite.sh (graph vs eager losses, CIFAR graph speed, ResNet-50 vs torchvision/timm).
-# stack: (prepared 2026-11-27, not yet run) first a check that a captured stack trains like its nets alone
+# profile: (prepared 2026-11-27, fifth session, not yet run) benchmarks/stack_profile.py: grouped vs one net's
+#        convolutions, the nine stacked in NCHW and fp32, a kernel profile of the stacked step; then the nine x 5
+#        seeds stacked (graphs), which the fifth session's `stack` call ran out of BUDGET for. BUDGET as below.
+# stack: (run 2026-11-27, fifth session, docs/gpu/2026-11-27-h200-c) first a check that a captured stack trains like its nets alone
 #        (losses of ResNet-56, ResNet-20, plain-20 with their own lrs), then the stacked runs of
 #        resnets.train.stacked, by depth and all in one network, against one at a time and side by side: the nine nets (graphs and end to end), the nine x 5
 #        seeds (graphs), then with compile in the graph; BUDGET seconds in all (default 470). Then, if it pays: STACK=1 DEPTHS=20,32,44,56,110 for
@@ -27,7 +30,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export OUT=${OUT:-./gpu-session-out} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT"
-what=${1:?usage: gpu_session.sh sbs|paper|suite|variants|stack}
+what=${1:?usage: gpu_session.sh sbs|paper|suite|variants|stack|profile}
 python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA")' | tee -a "$OUT/device.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee -a "$OUT/device.txt"
@@ -68,6 +71,13 @@ case $what in
     [ "$(left)" -gt 150 ] && timeout -s INT "$(left)" python3 benchmarks/side_by_side.py --out "$OUT/stack-compile" \
         --compile --sets 2>&1 | tee "$OUT/stack-compile.log"
     echo "stack: done with $(left) s of BUDGET left" ;;
+  profile)
+    end=$(( $(date +%s) + ${BUDGET:-300} ))
+    left() { echo $(( end - $(date +%s) )); }
+    timeout -s INT "$(left)" python3 benchmarks/stack_profile.py --out "$OUT/profile" 2>&1 | tee "$OUT/profile.log"
+    [ "$(left)" -gt 90 ] && timeout -s INT "$(left)" python3 benchmarks/side_by_side.py --out "$OUT/stack-x5" \
+        --graph-set nine-x5 --sets --parity-steps 0 2>&1 | tee "$OUT/stack-x5.log"
+    echo "profile: done with $(left) s of BUDGET left" ;;
   suite)
     bash benchmarks/gpu_suite.sh --budget-s "${BUDGET:-300}" "${@:2}" 2>&1 | tee "$OUT/gpu_suite.log" ;;
   *)

@@ -176,7 +176,9 @@ def stacked_parity(nets, batch: int, steps: int) -> dict:
 
 
 def graphs_part(nets, batch: int, rounds: int, smoke: bool, fused_sgd: bool = False, compile: bool = False,
-                stack: bool = True) -> dict:
+                stack: bool = True, res: dict | None = None) -> dict:
+    """The graphs-only rows, written into ``res`` as each is measured, so that a run cut short (the 2026-11-27
+    nine x 5 run was, while capturing its 45-branch graph) keeps the rows it had."""
     rt = pick_runtime("auto")
     timer = Timer(rt.is_cuda)
     statics = []
@@ -193,17 +195,23 @@ def graphs_part(nets, batch: int, rounds: int, smoke: bool, fused_sgd: bool = Fa
             s(x, y)
         statics.append(s)
     replay = (lambda s: s.graph.replay()) if rt.is_cuda else (lambda s: s._eager())
-    res: dict = {"nets": [f"{n}-{d}" for n, d in nets], "batch": batch, "runtime": rt.describe(),
-                 "sgd": ("fused" if fused_sgd else "foreach") + (", torch.compile in graph" if compile else ""),
-                 "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "default (8)")}
+    res = {} if res is None else res
+    res.update({"nets": [f"{n}-{d}" for n, d in nets], "batch": batch, "runtime": rt.describe(),
+                "sgd": ("fused" if fused_sgd else "foreach") + (", torch.compile in graph" if compile else ""),
+                "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "default (8)")})
     first = {n: s for n, s in reversed(list(zip(nets, statics)))}    # seeds of one net step alike: time one
     alone = {n: timer.ms(lambda s=s: replay(s), rounds) for n, s in first.items()}
     res["alone_ms"] = [alone[n] for n in nets]
-    res["one_stream_ms"] = timer.ms(lambda: [replay(s) for s in statics], rounds)
+    res["alone_sum_ms"] = total = sum(res["alone_ms"])
+
+    def row(key: str, ms: float) -> None:
+        res[key + "_ms"], res[key + "_ratio"] = ms, total / ms
+
+    row("one_stream", timer.ms(lambda: [replay(s) for s in statics], rounds))
     if stack:
         stacks = stacked_statics(nets, batch, rt, compile)
         res["stacks"] = [s.k for s in stacks]
-        res["stacked_one_stream_ms"] = timer.ms(lambda: [replay(s) for s in stacks], rounds)
+        row("stacked_one_stream", timer.ms(lambda: [replay(s) for s in stacks], rounds))
         if rt.is_cuda:
             sstreams = [torch.cuda.Stream() for _ in stacks]
             for st in sstreams:
@@ -213,10 +221,10 @@ def graphs_part(nets, batch: int, rounds: int, smoke: bool, fused_sgd: bool = Fa
                 for s, st in zip(stacks, sstreams):
                     with torch.cuda.stream(st):
                         s.graph.replay()
-            res["stacked_streams_ms"] = timer.ms(stacked_round_robin, rounds)
+            row("stacked_streams", timer.ms(stacked_round_robin, rounds))
         del stacks
         one = stacked_statics(nets, batch, rt, compile, by_depth=False)
-        res["stacked_all_ms"] = timer.ms(lambda: replay(one[0]), rounds)
+        row("stacked_all", timer.ms(lambda: replay(one[0]), rounds))
         del one
     if rt.is_cuda:
         streams = [torch.cuda.Stream() for _ in statics]
@@ -228,7 +236,7 @@ def graphs_part(nets, batch: int, rounds: int, smoke: bool, fused_sgd: bool = Fa
         cur = torch.cuda.current_stream()
         for st in streams:
             st.wait_stream(cur)
-        res["streams_ms"] = timer.ms(round_robin, rounds)
+        row("streams", timer.ms(round_robin, rounds))
         # (c) one graph, a branch per net: forked from and joined back to the capture stream
         torch.cuda.synchronize()
         for s in statics:
@@ -246,13 +254,7 @@ def graphs_part(nets, batch: int, rounds: int, smoke: bool, fused_sgd: bool = Fa
                     s._body()
             for st in streams:
                 cs.wait_stream(st)
-        res["one_graph_ms"] = timer.ms(big.replay, rounds)
-    total = sum(res["alone_ms"])
-    res["alone_sum_ms"] = total
-    for k in ("one_stream_ms", "streams_ms", "one_graph_ms", "stacked_one_stream_ms", "stacked_streams_ms",
-              "stacked_all_ms"):
-        if k in res:
-            res[k.replace("_ms", "_ratio")] = total / res[k]
+        row("one_graph", timer.ms(big.replay, rounds))
     return res
 
 
@@ -327,7 +329,7 @@ def table(res: dict) -> str:
                       q.get("max_abs_diff_other_layout", [float("nan")] * len(q["nets"])))]
         lines.append("")
     g = res.get("graphs")
-    if g:
+    if g and "alone_ms" in g:
         lines += [f"graphs only, {len(g['nets'])} nets ({g['runtime']}, batch {g['batch']}, {g.get('sgd', 'foreach')} SGD, "
                   f"CUDA_DEVICE_MAX_CONNECTIONS {g.get('CUDA_DEVICE_MAX_CONNECTIONS', 'default (8)')}): "
                   "ms/step alone per net",
@@ -373,7 +375,7 @@ def main(argv=None) -> int:
     p.add_argument("--graph-set", default="nine", choices=list(SETS), help="graphs only: which nets")
     p.add_argument("--skip-graphs", action="store_true")
     p.add_argument("--no-stack", dest="stack", action="store_false", help="skip the stacked rows")
-    p.add_argument("--parity-steps", type=int, default=100, help="steps of the stacked-vs-alone loss check")
+    p.add_argument("--parity-steps", type=int, default=100, help="steps of the stacked-vs-alone loss check (0: skip it)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -400,10 +402,15 @@ def main(argv=None) -> int:
         except Exception as e:   # one failing part must not cost the others' numbers
             res["errors"].append({"what": what, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()})
             log(f"[side_by_side] {what} FAILED: {type(e).__name__}: {e}")
+        except KeyboardInterrupt:    # out of time (gpu_session.sh's timeout -s INT): keep the rows measured so far
+            res["errors"].append({"what": what, "error": "interrupted"})
+            save()
+            log(table(res))
+            raise
         save()
         log(f"[side_by_side] {what}: {time.perf_counter() - t:.1f} s")
 
-    if args.stack:
+    if args.stack and args.parity_steps > 0:
         def q():
             res["parity"] = stacked_parity([("resnet", small(56)), ("resnet", small(20)), ("plain", small(20))],
                                            batch, 4 if args.smoke else args.parity_steps)
@@ -411,9 +418,9 @@ def main(argv=None) -> int:
         part("stacked parity", q)
     if not args.skip_graphs:
         def g():
-            res["graphs"] = graphs_part([(n, small(d)) for n, d in SETS[args.graph_set]], batch,
-                                        3 if args.smoke else args.rounds, args.smoke, args.fused_sgd, args.compile,
-                                        args.stack)
+            res["graphs"] = {}
+            graphs_part([(n, small(d)) for n, d in SETS[args.graph_set]], batch, 3 if args.smoke else args.rounds,
+                        args.smoke, args.fused_sgd, args.compile, args.stack, res=res["graphs"])
             log(table({"graphs": res["graphs"], "errors": []}))
         part("graphs", g)
     n_train = 2000 if args.smoke else 50000

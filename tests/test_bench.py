@@ -195,3 +195,20 @@ def test_side_by_side_benchmark_smoke_with_stacks(tmp_path):
     assert res["end_to_end"]["r20+p20"]["stacked_ms_per_round"] > 0
     assert res["end_to_end"]["r20+p20"]["stacked_all_ms_per_round"] > 0
     assert "stacked by depth" in r.stdout and "all 3 stacked in one network" in r.stdout
+
+
+def test_stack_profile_smoke(tmp_path):
+    """benchmarks/stack_profile.py, the next lent GPU's look at where a stacked step's time goes, on tiny sizes
+    here: every part runs and writes its numbers."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stack_profile.py"), "--smoke", "--out",
+                        str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "stack_profile.json").read_text())
+    assert not res["errors"] and res["nets"] == ["resnet-14", "plain-8"]
+    assert {c["layout"] for c in res["convs"]} == {"channels_last", "NCHW"}
+    assert all(c["grouped_ms"] > 0 and c["separate_ms"] > 0 for c in res["convs"])
+    assert set(res["layouts"]) == {"as trained", "NCHW"} and min(res["layouts"].values()) > 0
+    prof = res["profile"]["all stacked"]
+    assert prof["busy_ms_per_step"] > 0 and prof["by_kind"]["convolution"]["kernels_per_step"] > 0
+    assert res["profile"]["deepest alone"]["nets"] == ["resnet-14"]

@@ -1,0 +1,257 @@
+"""Where a stacked step's time goes (issue 15): grouped convolutions against one net's, layouts, a kernel profile.
+
+    python3 benchmarks/stack_profile.py --out $OUT        # a GPU: about 2 min
+    python3 benchmarks/stack_profile.py --smoke           # any machine, seconds (tiny sizes; checks the script)
+
+Why: on 2026-11-27 (H200, docs/gpu/2026-11-27-h200-c) the paper's nine nets stacked into one network took 23.05 ms
+per round against 46.01 ms one at a time, 2.00x, below the 2.3-3.6x predicted from the kernel count
+(docs/performance.md). Stacked by depth, where most kernels are twice one net's width, one stream gave 1.12x for
+1.59x fewer kernels. So a wider, grouped kernel costs more than a latency-bound kernel should. Three parts, each
+printed as soon as it is done and written to OUT/stack_profile.json:
+
+1. convs: one 3x3 convolution of G nets (G groups of C channels, batch 128, bf16) forward and backward, against
+   one net's convolution run G times, and against the same G nets as one dense convolution whose weight is
+   block-diagonal (G times the arithmetic, one ungrouped kernel; timed with a full weight, as a dense kernel does
+   the same work whatever the values); channels_last and NCHW; each captured in a CUDA graph. ratio = grouped / (G x one net's): 1/G would be free width, 1 no gain.
+2. layouts: the captured step of all nine stacked, bf16 channels_last (what runs now), bf16 NCHW, fp32 (TF32)
+   channels_last.
+3. profile: the kernels of a few eager steps of the nine stacked and of the deepest (ResNet-110) alone, summed by kind
+   (convolution, batch norm, optimizer, copy/cat, other), with the top kernels. GPU busy time per step against
+   the captured step's wall time says whether the kernels or the gaps between them cost the time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from resnets.models import create_model  # noqa: E402
+from resnets.models.stacked import StackedCifarNets  # noqa: E402
+from resnets.train.runtime import pick_runtime  # noqa: E402
+from resnets.train.stacked import StackedSGD, StackedStep  # noqa: E402
+from side_by_side import NINE, stacked_statics  # noqa: E402
+
+KINDS = (("convolution", ("conv", "xmma", "implicit", "wgrad", "dgrad", "gemm", "cudnn", "cutlass")),
+         ("batch norm", ("batch_norm", "batchnorm", "bn_", "welford")),
+         ("optimizer", ("foreach", "multi_tensor")),
+         ("copy/cat", ("copy", "cat", "gather", "index")))
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((k for k, keys in KINDS if any(s in low for s in keys)), "other")
+
+
+def timed(fn, cuda: bool, iters: int, repeats: int = 5, capture: bool = True) -> float:
+    """ms per call of ``fn``, median of ``repeats``: on a GPU ``iters`` calls captured in one CUDA graph and
+    replayed (no launch cost, as in the training step), or (``capture=False``) called and synchronised; on the
+    CPU plain calls."""
+    if cuda and capture:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        out = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            graph.replay()
+            torch.cuda.synchronize()
+            out.append((time.perf_counter() - t0) * 1000 / iters)
+        return statistics.median(out)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()
+    sync()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync()
+        out.append((time.perf_counter() - t0) * 1000 / iters)
+    return statistics.median(out)
+
+
+def conv_fwd_bwd(x: torch.Tensor, w: torch.Tensor, groups: int):
+    """Forward and both backward convolutions (input and weight gradients) of one 3x3 layer, as in training."""
+    x = x.requires_grad_()
+    w = w.requires_grad_()
+
+    def fn():
+        out = F.conv2d(x, w, padding=1, groups=groups)
+        torch.autograd.grad(out, (x, w), out)     # a gradient of the output's shape; its values do not matter
+    return fn
+
+
+def convs_part(batch: int, gs: list[int], widths: list[tuple[int, int]], device, dtype, iters: int) -> list[dict]:
+    cuda = device.type == "cuda"
+    rows = []
+    for c, hw in widths:
+        for fmt_name, fmt in (("channels_last", torch.channels_last), ("NCHW", torch.contiguous_format)):
+            def make(cin, cout, groups):
+                x = torch.randn(batch, cin, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
+                w = (torch.randn(cout, cin // groups, 3, 3, device=device, dtype=dtype) * 0.1
+                     ).contiguous(memory_format=fmt)
+                return conv_fwd_bwd(x, w, groups)
+            one = timed(make(c, c, 1), cuda, iters)
+            for g in gs:
+                grouped = timed(make(g * c, g * c, g), cuda, iters)
+                ones = [make(c, c, 1) for _ in range(g)]
+                separate = timed(lambda: [f() for f in ones], cuda, max(1, iters // g))
+                dense = timed(make(g * c, g * c, 1), cuda, iters)
+                rows.append({"C": c, "HW": hw, "layout": fmt_name, "G": g, "one_ms": one, "separate_ms": separate,
+                             "grouped_ms": grouped, "dense_blockdiag_ms": dense,
+                             "ratio_grouped_vs_separate": grouped / separate})
+                r = rows[-1]
+                log(f"| {c} | {hw}x{hw} | {fmt_name} | {g} | {one:.3f} | {separate:.3f} | {grouped:.3f} | "
+                    f"{dense:.3f} | {r['ratio_grouped_vs_separate']:.2f} |")
+    return rows
+
+
+def layouts_part(nets, batch: int, rounds: int) -> dict:
+    base = pick_runtime("auto")
+    cuda = base.device.type == "cuda"
+    variants = {"as trained": base, "NCHW": replace(base, channels_last=False)}
+    if cuda:
+        variants["fp32 (TF32)"] = pick_runtime("auto", precision="fp32")
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    out = {}
+    try:
+        for name, rt in variants.items():
+            (step,) = stacked_statics(nets, batch, rt, compile=False, by_depth=False)
+            run = step.graph.replay if cuda else step._eager
+            out[name] = timed(run, cuda, rounds, capture=False)     # already captured (or eager here)
+            log(f"| {name} ({rt.describe()}) | {out[name]:.2f} |")
+            del step, run
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    return out
+
+
+def profile_part(nets, batch: int, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    rt = pick_runtime("auto")
+    cuda = rt.device.type == "cuda"
+    res = {}
+    cases = {"all stacked": sorted(nets, key=lambda nd: -nd[1]), "deepest alone": [max(nets, key=lambda nd: nd[1])]}
+    for name, group in cases.items():
+        torch.manual_seed(0)
+        models = [create_model(f"{n}20", depth=d).to(rt.device, memory_format=rt.memory_format) for n, d in group]
+        stacked = StackedCifarNets(models).to(rt.device, memory_format=rt.memory_format).train()
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4) for m in models]
+        sgd = StackedSGD(stacked, models, opts, 0.9, 1e-4, False)
+        sgd.set_lr([0.1] * len(models))
+        step = StackedStep(stacked, sgd, rt.autocast, (batch, 3, 32, 32), rt.device, rt.memory_format,
+                           capture=False, k=len(models))
+        x = torch.randn(batch, 3 * len(models), 32, 32, device=rt.device).contiguous(memory_format=rt.memory_format)
+        y = torch.randint(0, 10, (batch, len(models)), device=rt.device)
+        for _ in range(3):
+            step(x, y)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                step(x, y)
+            if cuda:
+                torch.cuda.synchronize()
+        kernels = {}
+        for e in prof.key_averages():
+            dev = str(getattr(e, "device_type", "")).endswith("CUDA")
+            if cuda and not dev:
+                continue
+            us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)) if cuda \
+                else e.self_cpu_time_total
+            if us > 0:
+                kernels[e.key] = (kernels.get(e.key, (0, 0))[0] + e.count, kernels.get(e.key, (0, 0))[1] + us)
+        kinds: dict[str, list] = {}
+        for k, (n, us) in kernels.items():
+            kk = kinds.setdefault(kind_of(k), [0, 0.0])
+            kk[0] += n
+            kk[1] += us
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:20]
+        per = {k: {"kernels_per_step": n / steps, "ms_per_step": us / steps / 1000} for k, (n, us) in kinds.items()}
+        busy = sum(v["ms_per_step"] for v in per.values())
+        res[name] = {"nets": [f"{n}-{d}" for n, d in group], "steps": steps,
+                     "what": "CUDA kernels" if cuda else "CPU ops (self time)",
+                     "busy_ms_per_step": busy, "by_kind": per,
+                     "top": [{"name": k[:120], "calls_per_step": n / steps, "ms_per_step": us / steps / 1000}
+                             for k, (n, us) in top]}
+        log(f"\n{name} ({', '.join(res[name]['nets'])}): {res[name]['what']}, {busy:.2f} ms busy per step "
+            f"({sum(v['kernels_per_step'] for v in per.values()):.0f} per step)")
+        log("| kind | per step | ms per step | share |\n|---|---|---|---|")
+        for k, v in sorted(per.items(), key=lambda kv: -kv[1]["ms_per_step"]):
+            log(f"| {k} | {v['kernels_per_step']:.0f} | {v['ms_per_step']:.2f} | {v['ms_per_step'] / busy:.0%} |")
+        log("| top kernel | calls per step | ms per step |\n|---|---|---|")
+        for t in res[name]["top"][:10]:
+            log(f"| {t['name'][:90]} | {t['calls_per_step']:.0f} | {t['ms_per_step']:.3f} |")
+        del step, stacked, models
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("stack-profile-out"))
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and nets, for any machine")
+    p.add_argument("--parts", nargs="*", default=["convs", "layouts", "profile"])
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    smoke = args.smoke or not cuda
+    device = torch.device("cuda" if cuda else "cpu")
+    batch = 8 if smoke else 128
+    nets = [("resnet", 14), ("plain", 8)] if smoke else NINE
+    res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+           "date": time.strftime("%Y-%m-%d"), "smoke": smoke, "nets": [f"{n}-{d}" for n, d in nets], "errors": []}
+    log(f"[stack_profile] {res['device']}, torch {res['torch']}, smoke={smoke}")
+
+    def save():
+        (args.out / "stack_profile.json").write_text(json.dumps(res, indent=1))
+
+    def part(name, fn):
+        if name not in args.parts:
+            return
+        t0 = time.time()
+        try:
+            res[name] = fn()
+        except Exception as e:    # a part that fails must not lose the others' numbers
+            traceback.print_exc()
+            res["errors"].append(f"{name}: {type(e).__name__}: {e}")
+        log(f"[stack_profile] {name}: {time.time() - t0:.1f} s")
+        save()
+
+    log("convolution 3x3 forward+backward, batch %d, ms:\n| C | HW | layout | G | one net | G nets one after "
+        "another | G nets grouped | G nets dense block-diagonal | grouped / separate |\n|---|---|---|---|---|---|---|"
+        "---|---|" % batch)
+    part("convs", lambda: convs_part(batch, [2, 5, 9] if not smoke else [2], [(16, 32), (32, 16), (64, 8)]
+                                     if not smoke else [(4, 8)], device, torch.bfloat16 if cuda else torch.float32,
+                                     2 if smoke else 20))
+    log("\nall %d nets stacked in one network, captured step, ms per round:\n| variant | ms |\n|---|---|" % len(nets))
+    part("layouts", lambda: layouts_part(nets, batch, 2 if smoke else 30))
+    part("profile", lambda: profile_part(nets, batch, 2 if smoke else 5))
+    return 1 if res["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
