@@ -18,7 +18,8 @@
 #        CUDA_DEVICE_MAX_CONNECTIONS=32 (and fused SGD), then ResNet-50 with compile in the graph (run on
 #        2026-11-27 with --infer-cuda-graphs too, an option removed since); BUDGET seconds in all (default 470).
 # suite: benchmarks/gpu_suite.sh (graph vs eager losses, CIFAR graph speed, ResNet-50 vs torchvision/timm).
-# profile: (prepared 2026-11-27, fifth session, not yet run) benchmarks/stack_profile.py: grouped vs one net's
+# profile: (prepared 2026-11-27, fifth session, not yet run) benchmarks/stack_profile.py: syncs per step of stacked
+#        training (the pinned batch copies), grouped vs one net's
 #        convolutions, the nine stacked in NCHW and fp32, a kernel profile of the stacked step; then the nine x 5
 #        seeds stacked (graphs), which the fifth session's `stack` call ran out of BUDGET for. BUDGET as below.
 # stack: (run 2026-11-27, fifth session, docs/gpu/2026-11-27-h200-c) first a check that a captured stack trains like its nets alone

@@ -15,6 +15,11 @@ printed as soon as it is done and written to OUT/stack_profile.json:
    the same work whatever the values); channels_last and NCHW; each captured in a CUDA graph. ratio = grouped / (G x one net's): 1/G would be free width, 1 no gain.
 2. layouts: the captured step of all nine stacked, bf16 channels_last (what runs now), bf16 NCHW, fp32 (TF32)
    channels_last.
+0. syncs: how often the CPU waits for the GPU in real stacked training (``train_side_by_side(stack=True)``,
+   synthetic CIFAR-format data) under ``torch.cuda.set_sync_debug_mode``. Until the fifth session every run's
+   batch made three blocking copies of its crop offsets and flips, each a wait for the GPU to drain (the end-to-end
+   rounds were 4.9 ms slower than the graphs alone for the nine); now one pinned, non-blocking copy. Expected:
+   none per step, a few per log line and evaluation.
 3. profile: the kernels of a few eager steps of the nine stacked and of the deepest (ResNet-110) alone, summed by kind
    (convolution, batch norm, optimizer, copy/cat, other), with the top kernels. GPU busy time per step against
    the captured step's wall time says whether the kernels or the gaps between them cost the time.
@@ -25,6 +30,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import replace
@@ -210,11 +216,46 @@ def profile_part(nets, batch: int, steps: int) -> dict:
     return res
 
 
+def syncs_part(nets, batch: int, steps: int, root: Path) -> dict:
+    import warnings
+    from side_by_side import synthetic_cifar
+    from resnets.config import recipe
+    from resnets.train.side_by_side import train_side_by_side
+    cuda = torch.cuda.is_available()
+    cfgs = [recipe("cifar-paper", model=f"{n}20", model_kwargs={"depth": d}, steps=steps, seed=i, batch_size=batch,
+                   milestones=(10 * steps,), eval_every=10 * steps, eval_subset=500, log_every=steps,
+                   checkpoint_every=0, progress=False, warmup_lr=None, out=str(root / f"{i}-{n}{d}"))
+            for i, (n, d) in enumerate(nets)]
+    data = synthetic_cifar(max(20 * batch, 2000), 500)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        t0 = time.perf_counter()
+        try:
+            train_side_by_side(cfgs, data=data, stack=True)
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+        wall = time.perf_counter() - t0
+    syncs = [str(w.message).splitlines()[0][:100] for w in caught if "synchroniz" in str(w.message).lower()]
+    kinds: dict[str, int] = {}
+    for m in syncs:
+        kinds[m] = kinds.get(m, 0) + 1
+    res = {"runs": len(nets), "steps": steps, "wall_s": wall, "checked": cuda, "syncs": len(syncs),
+           "syncs_per_step": len(syncs) / steps, "kinds": kinds}
+    log(f"{len(nets)} runs stacked, {steps} steps: {len(syncs)} synchronising calls "
+        f"({res['syncs_per_step']:.2f} per step){'' if cuda else ' (not checked: no GPU)'}")
+    for m, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:8]:
+        log(f"  {n} x {m}")
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("stack-profile-out"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes and nets, for any machine")
-    p.add_argument("--parts", nargs="*", default=["convs", "layouts", "profile"])
+    p.add_argument("--parts", nargs="*", default=["syncs", "convs", "layouts", "profile"])
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
@@ -241,7 +282,9 @@ def main(argv=None) -> int:
         log(f"[stack_profile] {name}: {time.time() - t0:.1f} s")
         save()
 
-    log("convolution 3x3 forward+backward, batch %d, ms:\n| C | HW | layout | G | one net | G nets one after "
+    with tempfile.TemporaryDirectory() as tmp:
+        part("syncs", lambda: syncs_part(nets, batch, 6 if smoke else 60, Path(tmp)))
+    log("\nconvolution 3x3 forward+backward, batch %d, ms:\n| C | HW | layout | G | one net | G nets one after "
         "another | G nets grouped | G nets dense block-diagonal | grouped / separate |\n|---|---|---|---|---|---|---|"
         "---|---|" % batch)
     part("convs", lambda: convs_part(batch, [2, 5, 9] if not smoke else [2], [(16, 32), (32, 16), (64, 8)]

@@ -212,3 +212,4 @@ def test_stack_profile_smoke(tmp_path):
     prof = res["profile"]["all stacked"]
     assert prof["busy_ms_per_step"] > 0 and prof["by_kind"]["convolution"]["kernels_per_step"] > 0
     assert res["profile"]["deepest alone"]["nets"] == ["resnet-14"]
+    assert res["syncs"]["runs"] == 2 and res["syncs"]["checked"] is False

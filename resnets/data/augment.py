@@ -47,11 +47,20 @@ def pad_crop_flip(images: torch.Tensor, pad: int = 4, generator: torch.Generator
     if b == 0 or (pad == 0 and not flip):
         return images.clone()
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    dev = images.device
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gen_device).to(dev)
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gen_device).to(dev)
-    flips = torch.randint(0, 2, (b,), generator=generator, device=gen_device).to(dev).bool() if flip else None
-    return crop_flip(images, oy, ox, flips, pad)
+    draws = torch.stack([torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gen_device),
+                         torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gen_device)]
+                        + ([torch.randint(0, 2, (b,), generator=generator, device=gen_device)] if flip else []))
+    draws = to_device(draws, images.device)
+    return crop_flip(images, draws[0], draws[1], draws[2].bool() if flip else None, pad)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; from the CPU to a GPU through pinned memory, without blocking. A plain ``.to("cuda")``
+    of a CPU tensor waits for the GPU to finish all the work queued before it, so the GPU would idle while the
+    next batch is built, once per copy: every step of every run side by side."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def crop_flip(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flips: torch.Tensor | None,
@@ -133,7 +142,7 @@ class DeviceLoader:
         """The sample order of ``epoch`` (on the device); cached, so it is computed once per epoch."""
         if self._perm_epoch != epoch:
             g = torch.Generator().manual_seed(_seed_for(self.seed, _PERM_STREAM, epoch))
-            self._perm = torch.randperm(self.n, generator=g).to(self.device)
+            self._perm = to_device(torch.randperm(self.n, generator=g), self.device)
             self._perm_epoch = epoch
         return self._perm
 
