@@ -44,7 +44,7 @@ case $what in
     t0=$(date +%s)
     timeout -s INT "${LIMIT:-420}" python3 -m resnets.cli reproduce cifar10 --preset paper --depths "${DEPTHS:-20}" \
         --seeds "${SEEDS:-1}" --val-split "${VAL:-5000}" --data "${DATA:-.devdata}" --out "$work/reproduce" --no-progress \
-        ${STEPS:+--steps "$STEPS"} ${STACK:+--stack} 2>&1 | tee "$OUT/paper.log"
+        ${STEPS:+--steps "$STEPS"} ${STACK:+--stack} ${COMPILE:+--compile} 2>&1 | tee "$OUT/paper.log"
     echo "paper: exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/paper.log"
     (cd "$work" && tar czf "$OUT/paper-results.tar.gz" --exclude='checkpoints' reproduce)
     (cd "$work" && find reproduce -path '*/checkpoints/step-*' -type f | tar cf "$OUT/paper-weights.tar" -T -)

@@ -189,8 +189,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .experiments.reproduce import run_experiment
 
-    overrides = {k: v for k, v in {"steps": args.steps, "device": args.device, "val_split": args.val_split}.items()
-                 if v is not None}
+    overrides = {k: v for k, v in {"steps": args.steps, "device": args.device, "val_split": args.val_split,
+                                   "compile": args.compile or None}.items() if v is not None}
     if args.steps is not None and args.preset == "paper":
         from .config import recipe
         overrides["milestones"] = recipe("cifar-paper", steps=args.steps).milestones
@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the runs as one network of grouped convolutions: fewer, larger GPU kernels; agrees "
                    "with the runs alone to float rounding, not bit for bit. all (default): every depth in one "
                    "network (a net's stage ends before a deeper one's); depth: a network per depth")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile each net's (or the stack's) forward; on a GPU inside the captured step, where it "
+                   "fuses BN, ReLU and the shortcut add (1.28x for ResNet-56 on an H200) for a one-off compile")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=cmd_reproduce)
 

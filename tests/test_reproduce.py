@@ -118,3 +118,23 @@ def test_stacked_experiment_through_the_cli(tiny_cifar, tmp_path, capsys, monkey
     assert "stacked into one network" in res["runtime"]
     assert len(res["runs"]) == 4 and len({r["val_error"] for r in res["runs"]}) > 1
     assert "stacked into one network" in capsys.readouterr().out
+
+
+def test_reproduce_compile_flag_reaches_every_run(monkeypatch):
+    """`resnets reproduce --compile` sets ``compile`` in every run's config (the overrides); without it the
+    preset's own setting stands."""
+    from resnets.cli import main
+    from resnets.experiments import reproduce
+
+    class Seen(Exception):
+        pass
+
+    def fake(preset, **kw):
+        raise Seen(kw["overrides"])
+    monkeypatch.setattr(reproduce, "run_experiment", fake)
+    with pytest.raises(Seen) as e:
+        main(["reproduce", "cifar10", "--preset", "paper", "--compile", "--stack", "--no-progress"])
+    assert e.value.args[0] == {"compile": True}
+    with pytest.raises(Seen) as e:
+        main(["reproduce", "cifar10", "--no-progress"])
+    assert "compile" not in e.value.args[0]
