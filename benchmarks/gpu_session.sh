@@ -13,7 +13,10 @@
 #        45k/5k split, plain-20 and ResNet-20, SEEDS seeds each, side by side), then the final weights on the test
 #        set. $OUT/paper-results.tar.gz: logs, results, figures; $OUT/paper-weights.tar: the last checkpoints.
 #        LIMIT (seconds, default 420) stops training and still packs what is there (resumable from those
-#        checkpoints with --resume, which reproduce does by itself).
+#        checkpoints with --resume, which reproduce does by itself). The checkpoints come back as
+#        $OUT/paper-weights.tar.aa, .ab, ... (15 MiB parts); copy them and paper-results.tar.gz into a git-ignored
+#        folder, carry it (in two calls if over ~50 MiB with the tree), and RESUME_FROM=that/folder goes on from them.
+#        COMPILE=1 adds --compile; STACK=1 --stack.
 # variants: benchmarks/gpu_step_variants.py (step variants, kernel profile), side_by_side.py with
 #        CUDA_DEVICE_MAX_CONNECTIONS=32 (and fused SGD), then ResNet-50 with compile in the graph (run on
 #        2026-11-27 with --infer-cuda-graphs too, an option removed since); BUDGET seconds in all (default 470).
@@ -41,13 +44,20 @@ case $what in
   paper)
     work=/tmp/paper
     mkdir -p "$work"
+    if [ -n "${RESUME_FROM:-}" ]; then    # an earlier call's results and checkpoints: go on where it stopped
+      tar xzf "$RESUME_FROM/paper-results.tar.gz" -C "$work" && cat "$RESUME_FROM"/paper-weights.tar.* | tar xf - -C "$work" \
+        || { echo "paper: cannot restore from $RESUME_FROM" >&2; exit 2; }
+      find "$work/reproduce" -path '*/checkpoints/step-*' -type d | sed 's/^/restored /'
+    fi
     t0=$(date +%s)
     timeout -s INT "${LIMIT:-420}" python3 -m resnets.cli reproduce cifar10 --preset paper --depths "${DEPTHS:-20}" \
         --seeds "${SEEDS:-1}" --val-split "${VAL:-5000}" --data "${DATA:-.devdata}" --out "$work/reproduce" --no-progress \
         ${STEPS:+--steps "$STEPS"} ${STACK:+--stack} ${COMPILE:+--compile} 2>&1 | tee "$OUT/paper.log"
     echo "paper: exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/paper.log"
     (cd "$work" && tar czf "$OUT/paper-results.tar.gz" --exclude='checkpoints' reproduce)
-    (cd "$work" && find reproduce -path '*/checkpoints/step-*' -type f | tar cf "$OUT/paper-weights.tar" -T -)
+    # Files come back at most 16 MiB each, 8 in all: the checkpoints (with momentum: ~65 MB for the ten runs of
+    # DEPTHS=20,32,44,56,110) in 15 MiB parts, so a later session can carry them back and resume (RESUME_FROM).
+    (cd "$work" && find reproduce -path '*/checkpoints/step-*' -type f | tar cf - -T - | split -b 15m - "$OUT/paper-weights.tar.")
     ls -la "$OUT" ;;
   variants)
     # 2026-11-27, second lent session: what the first left unmeasured, in priority order, each part bounded.

@@ -138,3 +138,41 @@ def test_reproduce_compile_flag_reaches_every_run(monkeypatch):
     with pytest.raises(Seen) as e:
         main(["reproduce", "cifar10", "--no-progress"])
     assert "compile" not in e.value.args[0]
+
+
+def test_reproduce_workers_checkpoint_on_one_signal_to_the_group(tiny_cifar, tmp_path):
+    """`resnets reproduce` on a CPU trains its runs in worker processes. A SIGINT to the whole process group (what
+    Ctrl-C and `timeout` send) must stop every run with a checkpoint, and the next `reproduce` goes on from them.
+    (It had lost work: a worker's StoppedBySignal could not be unpickled, which broke the pool and killed the
+    other worker before its checkpoint.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "resnets.cli", "reproduce", "cifar10", "--depths", "8", "--workers", "2",
+           "--data", str(tiny_cifar), "--out", str(out), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd + ["--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=env, start_new_session=True)
+    logs = [out / "runs" / r / "log.jsonl" for r in ("plain8-seed0", "resnet8-seed0")]
+    deadline = time.time() + 180
+    while not all(f.exists() and f.stat().st_size > 0 for f in logs):    # both runs are in their training loops
+        assert p.poll() is None and time.time() < deadline, p.communicate()[0] if p.poll() is not None else "slow"
+        time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGINT)
+    text = p.communicate(timeout=120)[0]
+    assert p.returncode == 130, text
+    assert "stopped by SIGINT" in text and "plain8-seed0" in text and "resnet8-seed0" in text, text
+    steps = {}
+    for f in logs:
+        (ck,) = (f.parent / "checkpoints").glob("step-*")
+        steps[f.parent.name] = int(ck.name.split("-")[1])
+    end = max(steps.values()) + 5
+    r = subprocess.run(cmd + ["--steps", str(end)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for f in logs:    # each run went on from its checkpoint to the new end; its log reads as one unbroken run
+        train = [e["step"] for e in read_log(f) if e["split"] == "train"]
+        assert train == sorted(set(train)) and train[-1] == end and train[0] < steps[f.parent.name]
+        assert [c.name for c in (f.parent / "checkpoints").glob("step-*")] == [f"step-{end:08d}"]

@@ -17,7 +17,9 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import signal
 import statistics
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +32,7 @@ from ..data import load_cifar
 from ..models.paper import TABLE6_ERROR, TABLE6_PARAMS_M
 from ..train import read_log
 from ..train import train as train_run
+from ..train.rundir import StoppedBySignal
 from ..train.runtime import pick_runtime
 
 
@@ -235,10 +238,46 @@ def _run_jobs(todo: list[TrainConfig], cifar, rt, workers: int | None, side_by_s
     print(f"training {n} runs at a time, {threads} thread(s) each", flush=True)
     # Workers load the data themselves (about a second from the cache); per-run progress bars would interleave.
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as pool:
+    # Each worker is its own process group, so a signal reaches it once, from here: Ctrl-C (the terminal signals
+    # its foreground group) or `timeout` (its own group) would otherwise reach it twice, and a second signal stops
+    # a run at once, without its checkpoint.
+    with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx, initializer=os.setpgrp) as pool:
         futures = [pool.submit(_worker_job, replace(cfg, threads=threads, progress=False)) for cfg in todo]
-        for f in concurrent.futures.as_completed(futures):
-            print(f"finished {Path(f.result()).name}", flush=True)
+        stopped, failed, signalled = [], [], []
+
+        def forward(signum, frame):
+            signalled.append(signum)
+            for f in futures:
+                f.cancel()                  # runs not started yet stay queued for the next `reproduce`
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                try:
+                    os.kill(proc.pid, signum)
+                except ProcessLookupError:
+                    pass
+        main = threading.current_thread() is threading.main_thread()    # only there can handlers be set
+        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        try:
+            for f in concurrent.futures.as_completed(futures):
+                if f.cancelled():
+                    continue
+                try:
+                    print(f"finished {Path(f.result()).name}", flush=True)
+                except StoppedBySignal as e:
+                    stopped.append(e)
+                except KeyboardInterrupt:       # stopped while setting up, before it had anything to save
+                    pass
+                except Exception as e:  # noqa: BLE001 - the other runs finish (or checkpoint) first
+                    failed.append(e)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    if failed:
+        raise failed[0]
+    if stopped:
+        first = stopped[0]
+        raise StoppedBySignal(first.signum, first.step, first.checkpoint, first.out, also=stopped[1:])
+    if signalled:
+        raise KeyboardInterrupt
 
 
 def _note(p: Preset, overrides: dict[str, Any] | None) -> str:

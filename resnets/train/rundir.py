@@ -177,6 +177,9 @@ class StoppedBySignal(Exception):
             lines.append(f"Resume with: resnets train --config {out / 'config.json'} --resume auto")
         super().__init__("\n".join(lines))
 
+    def __reduce__(self):   # it crosses from a worker process to its parent (resnets reproduce on a CPU)
+        return type(self), (self.signum, self.step, self.checkpoint, self.out, self.also)
+
 
 def own_run_dir(cfg, ctx) -> RunLock | None:
     """Take ``cfg.out``'s lock and check a fresh run does not mix with an old one; every rank raises the same
