@@ -8,6 +8,15 @@
 #   call 3  carry [".devdata/p3"]  bash .devdata/p3/assemble.sh .devdata && SEEDS=2 bash benchmarks/gpu_session.sh paper
 #   call 4  (if time is left)      BUDGET=150 bash benchmarks/gpu_session.sh suite
 #
+# The next lent session (planned 2026-11-27, fifth session; issue 15), 15 min with start-up:
+#   call 1  carry [".devdata/p1"]  BUDGET=240 bash benchmarks/gpu_session.sh profile
+#   call 2  carry [".devdata/p2"]  true
+#   call 3  carry [".devdata/p3"]  bash .devdata/p3/assemble.sh .devdata && STACK=1 DEPTHS=20,32,44,56,110 LIMIT=420 \
+#           bash benchmarks/gpu_session.sh paper        # 31.4 ms per round on 2026-11-27, before the pinned copies;
+#                                                       # COMPILE=1 too if profile's compiled row pays for its compile
+#   Copy paper-results.tar.gz and paper-weights.tar.* into .devdata/resume: a later session resumes with
+#   RESUME_FROM=.devdata/resume (carry it in a call of its own, or two if over ~50 MiB).
+#
 # sbs:   benchmarks/side_by_side.py (issue 15): the nine paper-preset nets, graphs only and end to end.
 # paper: `resnets reproduce cifar10 --preset paper --depths 20 --val-split 5000` (Sec. 4.2: 64k iterations on the
 #        45k/5k split, plain-20 and ResNet-20, SEEDS seeds each, side by side), then the final weights on the test
