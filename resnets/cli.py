@@ -180,9 +180,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"{r['error']:.2f}%, top-5 error {r['top5_error']:.2f}%, loss {r['loss']:.4f}")
         return 0
     r = evaluate_checkpoint(args.checkpoint, args.data, device=args.device, subset=args.subset,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, per_class=args.per_class)
     print(f"{r['model']} (step {r['step']}) on {r['n']} test images: top-1 error {r['error']:.2f}%, "
           f"top-5 error {r['top5_error']:.2f}%, loss {r['loss']:.4f}")
+    if args.per_class:
+        width = max(len(c) for c in r["per_class_error"])
+        for name, err in r["per_class_error"].items():
+            print(f"  {name:<{width}}  " + ("no test images" if err is None else f"{err:6.2f}%"))
     return 0
 
 
@@ -262,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="directory with the data set")
     e.add_argument("--device", default="auto")
     e.add_argument("--subset", type=int, help="only the first N test images")
+    e.add_argument("--per-class", action="store_true", help="CIFAR: also the top-1 error of each class")
     e.add_argument("--no-progress", action="store_true")
     ev = e.add_mutually_exclusive_group()
     ev.add_argument("--ten-crop", action="store_true", help="ImageFolder checkpoints: 10-crop testing (Sec. 3.4)")

@@ -191,6 +191,10 @@ def test_cli_train_and_evaluate(tiny_cifar, tmp_path, capsys, monkeypatch):
     assert main(["evaluate", "--checkpoint", str(out / "checkpoints/step-00000010"), "--data", str(tiny_cifar),
                  "--no-progress"]) == 0
     assert "on 100 test images: top-1 error" in capsys.readouterr().out
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoints/step-00000010"), "--data", str(tiny_cifar),
+                 "--no-progress", "--per-class"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 11 and all(line.rstrip().endswith("%") for line in lines[1:]), lines
     # an explicit --data that holds nothing: an error naming it, never the cache, a download or the npm mirror
     monkeypatch.setenv("RESNETS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("RESNETS_CIFAR_URL", "http://127.0.0.1:9/cifar.tar.gz")
@@ -258,3 +262,24 @@ def test_cifar_resnet_learns_real_cifar10_in_150_steps(real_cifar, tmp_path):
     print(f"ResNet-8, 150 steps at batch 64: test error {res.final['error']:.2f}% (first 2000), train error "
           f"{res.train_error:.2f}%, {res.seconds:.0f} s")
     assert res.final["error"] < 75.0
+
+
+def test_evaluate_model_per_class_error():
+    """``evaluate_model(classes=K)``: each class's top-1 error from the predictions, a class without samples is
+    None, and summing over ranks (here two identical shards) leaves the rates unchanged."""
+    from resnets.train.evaluate import evaluate_model
+    from resnets.train.runtime import pick_runtime
+
+    rt = pick_runtime("cpu", "fp32", False)
+    table = torch.nn.Embedding(8, 4)               # input i -> logits of row i: predictions chosen by hand
+    with torch.no_grad():
+        table.weight.copy_(torch.eye(4)[[0, 1, 1, 2, 0, 0, 2, 2]] * 5)
+    model = torch.nn.Sequential(table)
+    x = torch.arange(8)
+    y = torch.tensor([0, 1, 0, 2, 0, 1, 2, 1])     # predictions 0 1 1 2 0 0 2 2: class 0 1 of 3 wrong, 1 2 of 3
+    loader = [(x[:5], y[:5]), (x[5:], y[5:])]
+    r = evaluate_model(model, loader, rt, classes=4)
+    assert r["per_class_error"] == [100 / 3, 200 / 3, 0.0, None] and r["error"] == 37.5
+    assert "per_class_error" not in evaluate_model(model, loader, rt)
+    r2 = evaluate_model(model, loader, rt, classes=4, reduce=lambda t: t.mul_(2))
+    assert r2["per_class_error"] == r["per_class_error"] and r2["n"] == 16 and r2["error"] == 37.5

@@ -28,8 +28,11 @@ def count_wrong(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], rt: Runtime, *,
-                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-    """Top-1 and top-5 error (%) and mean cross-entropy over every sample of ``loader`` (batches on the device).
+                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   classes: int | None = None) -> dict[str, Any]:
+    """Top-1 and top-5 error (%) and mean cross-entropy over every sample of ``loader`` (batches on the device);
+    with ``classes``, also ``per_class_error``: the top-1 error (%) of each true class, by class index (None for a
+    class with no sample).
 
     ``reduce``: sums a tensor over ranks in place (``DistContext.all_reduce_sum``) when each rank evaluates its
     own shard; the counts are then those of the whole set."""
@@ -38,6 +41,9 @@ def evaluate_model(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.
     n, loss_sum = 0, torch.zeros((), device=rt.device, dtype=torch.float64)
     wrong1 = torch.zeros((), device=rt.device, dtype=torch.int64)
     wrong5 = torch.zeros_like(wrong1)
+    k = classes or 0
+    class_wrong = torch.zeros(k, device=rt.device, dtype=torch.int64)
+    class_n = torch.zeros_like(class_wrong)
     for x, y in loader:
         with rt.autocast():
             logits = model(x)
@@ -47,18 +53,29 @@ def evaluate_model(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.
         wrong1 += w1
         wrong5 += w5
         n += y.numel()
+        if k:
+            class_n += torch.bincount(y, minlength=k)
+            class_wrong += torch.bincount(y[logits.argmax(1) != y], minlength=k)
     model.train(was_training)
     if reduce is not None:
-        t = torch.stack([loss_sum, wrong1.double(), wrong5.double(),
-                         torch.tensor(float(n), dtype=torch.float64, device=rt.device)])
+        t = torch.cat([torch.stack([loss_sum, wrong1.double(), wrong5.double(),
+                                    torch.tensor(float(n), dtype=torch.float64, device=rt.device)]),
+                       class_wrong.double(), class_n.double()])
         reduce(t)
         loss_sum, wrong1, wrong5, n = t[0], t[1].round().long(), t[2].round().long(), int(round(t[3].item()))
-    return {"error": 100.0 * wrong1.item() / n, "top5_error": 100.0 * wrong5.item() / n,
-            "loss": loss_sum.item() / n, "n": n}
+        class_wrong, class_n = t[4:4 + k].round().long(), t[4 + k:].round().long()
+    res: dict[str, Any] = {"error": 100.0 * wrong1.item() / n, "top5_error": 100.0 * wrong5.item() / n,
+                           "loss": loss_sum.item() / n, "n": n}
+    if k:
+        res["per_class_error"] = [100.0 * w / c if c else None for w, c in zip(class_wrong.tolist(), class_n.tolist())]
+    return res
 
 
 def evaluate_checkpoint(path: str, data: str | None = None, *, device: str = "auto", precision: str = "auto",
-                        batch_size: int = 500, subset: int | None = None, progress: bool = True) -> dict[str, Any]:
+                        batch_size: int = 500, subset: int | None = None, progress: bool = True,
+                        per_class: bool = False) -> dict[str, Any]:
+    """A CIFAR checkpoint on the test set (its first ``subset`` images): top-1/top-5 error, loss; ``per_class``:
+    also ``per_class_error``, {class name: top-1 error %}."""
     c = ck.load_checkpoint(path, with_state=False)
     model = ck.model_from_checkpoint(c)
     normalizer = normalizer_from_checkpoint(c)
@@ -73,7 +90,10 @@ def evaluate_checkpoint(path: str, data: str | None = None, *, device: str = "au
         images, labels = images[:subset], labels[:subset]
     loader = DeviceLoader(images, labels, batch_size, rt.device, train=False, normalizer=normalizer,
                           channels_last=rt.channels_last)
-    return {"checkpoint": str(c.path), "model": c.model_name, "step": c.step, **evaluate_model(model, loader, rt)}
+    res = evaluate_model(model, loader, rt, classes=len(cifar.classes) if per_class else None)
+    if per_class:
+        res["per_class_error"] = dict(zip(cifar.classes, res["per_class_error"]))
+    return {"checkpoint": str(c.path), "model": c.model_name, "step": c.step, **res}
 
 
 def is_imagefolder_checkpoint(path: str | os.PathLike) -> bool:
