@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data.normalize import Normalizer
 from .models import create_model, from_torchvision, get_spec, pretrained
 from .models.registry import torchvision_weights_entry
 from .train import checkpoint as ck
@@ -97,9 +98,8 @@ class ExportSource:
 def image_size_for(model_name: str | None, preprocess: dict[str, Any] | None = None) -> int | tuple[int, int]:
     """The training resolution: the pixel-mean image's size when the checkpoint stores one, else the family's
     (32 for CIFAR nets, 224 for ImageNet nets and unregistered names)."""
-    mean = (preprocess or {}).get("mean")
-    if isinstance(mean, torch.Tensor) and mean.dim() == 3:
-        return int(mean.shape[1]), int(mean.shape[2])
+    if preprocess and "mode" in preprocess and (size := Normalizer.from_state_dict(preprocess).image_size):
+        return size
     try:
         return get_spec(model_name).input_size[-1] if model_name else 224
     except ValueError:

@@ -115,6 +115,7 @@ def test_normalizer_pixel_mean():
     assert norm(x, dtype=torch.float64).dtype == torch.float64
     same = Normalizer("pixel-mean", x.numpy())  # numpy input
     assert torch.equal(same(x), out)
+    assert norm.image_size == (8, 8) and Normalizer("pixel-mean", x[:, :, :, :6]).image_size == (8, 6)
 
 
 def test_normalizer_channel():
@@ -125,6 +126,7 @@ def test_normalizer_channel():
     std = xd.permute(1, 0, 2, 3).reshape(3, -1).std(1, unbiased=False)
     torch.testing.assert_close(norm.mean, mean)
     torch.testing.assert_close(norm.std, std)
+    assert norm.image_size is None     # per-channel statistics fit any size
     out = norm(x)
     torch.testing.assert_close(out, ((xd - mean[:, None, None]) / std[:, None, None]).float(), atol=1e-5, rtol=0)
     torch.testing.assert_close(out.double().mean((0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-5,

@@ -138,6 +138,12 @@ class Normalizer:
             sd["std"] = self.std.clone()
         return sd
 
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(H, W) of the per-pixel mean: the size the statistics were taken at, so the size the images must have
+        (a net's training resolution); None for per-channel statistics, which fit any size."""
+        return (int(self.mean.shape[1]), int(self.mean.shape[2])) if self.mean.dim() == 3 else None
+
     @classmethod
     def from_state_dict(cls, state: dict) -> "Normalizer":
         """The inverse of :meth:`state_dict`; reads the ``preprocess`` of every checkpoint resnets has written."""

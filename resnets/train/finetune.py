@@ -41,12 +41,12 @@ def load_initial(name: str, weights: str, model_kwargs: dict) -> Initial:
     resnets checkpoint, or a weights file), and what they bring. Raises ValueError for another architecture."""
     kwargs = {k: v for k, v in model_kwargs.items() if k != "num_classes"}
     if weights.split(":", 1)[0] == "torchvision":
-        from ..data.imagefolder import IMAGENET_MEAN_255, IMAGENET_STD_255
+        from ..data.imagefolder import imagenet_normalizer
         model = create_model(name, weights=weights, **kwargs)
         entry = torchvision_weights_entry(name, weights)
         tag = weights.split(":", 1)[1] if ":" in weights else "DEFAULT"
         return Initial(model, f"torchvision's {name} {tag} weights", list(entry.meta["categories"]),
-                       Normalizer("subtract-mean-255", mean=IMAGENET_MEAN_255, std=IMAGENET_STD_255),
+                       imagenet_normalizer(divide_by_std=True),      # torchvision's weights expect /std
                        entry.transforms().crop_size[0])
     if shipped.is_pretrained_tag(weights):
         return _from_checkpoint(name, ck.load_checkpoint(shipped.checked_path(name, weights), with_state=False),
@@ -81,7 +81,7 @@ def _from_checkpoint(name: str, c: ck.Checkpoint, source: str, kwargs: dict) -> 
         raise ValueError(f"{source} are for {name}{c.model_kwargs}; drop {clash}")
     model = ck.model_from_checkpoint(c)
     norm = Normalizer.from_state_dict(c.preprocess) if c.preprocess else None
-    size = int(norm.mean.shape[-1]) if norm is not None and norm.mean.dim() == 3 else None
+    size = norm.image_size[1] if norm is not None and norm.image_size else None
     return Initial(model, source, c.classes, norm, size)
 
 
