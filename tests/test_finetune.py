@@ -170,3 +170,25 @@ def test_the_head_is_replaced_unless_the_classes_are_the_weights_own():
     m2 = create_model("resnet20", num_classes=3)
     assert not fit_head(m2, ["a", "b", "c"], None)                         # names unknown, same size: keep
     assert fit_head(m2, ["a", "b"], None) and m2.fc.out_features == 2
+
+
+def test_freeze_keeps_frozen_batchnorm_in_eval_also_in_a_copy():
+    """``freeze(model, "layer1")``: the stem and layer1 get no gradients and their BatchNorm stays in eval mode in
+    ``train()``; layer2 on trains normally. A deep copy (as BN folding makes) freezes its own modules and leaves the
+    original's alone (the first version's train() closed over the original's modules)."""
+    import copy
+    from resnets.models import create_model
+    from resnets.train.finetune import freeze
+    model = create_model("resnet18", num_classes=3)
+    assert freeze(model, "layer1") == ["stem", "layer1"]
+    assert not any(p.requires_grad for p in [*model.conv1.parameters(), *model.layer1.parameters()])
+    assert all(p.requires_grad for p in model.layer2.parameters())
+    model.train()
+    assert not model.bn1.training and not model.layer1[0].bn1.training and model.layer2[0].bn1.training
+    twin = copy.deepcopy(model)
+    model.eval()
+    twin.train()
+    assert not twin.bn1.training and not twin.layer1[1].bn2.training and twin.layer3[0].bn1.training
+    assert not model.layer3[0].bn1.training         # the original stayed in eval
+    with pytest.raises(ValueError, match="layer9"):
+        freeze(create_model("resnet18"), "layer9")

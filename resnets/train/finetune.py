@@ -110,17 +110,16 @@ def freeze(model: nn.Module, upto: str) -> list[str]:
     if upto not in names:
         raise ValueError(f"--freeze {upto!r}: {type(model).__name__} has {', '.join(names)} (or 'backbone')")
     frozen = names[:names.index(upto) + 1]
-    stem = [m for n, m in model.named_children() if n in ("conv1", "bn1")]
-    modules = stem + [getattr(model, n) for n in frozen[1:]]
-    for m in modules:
-        for p in m.parameters():
+    children = [n for n, _ in model.named_children() if n in ("conv1", "bn1")] + frozen[1:]
+    for n in children:
+        for p in getattr(model, n).parameters():
             p.requires_grad_(False)
-    plain_train = model.train
 
+    # By name, through ``self``: a copy of the model (copy.deepcopy rebinds the method) freezes its own modules.
     def train(self, mode: bool = True):
-        plain_train(mode)
-        for m in modules:
-            m.eval()
+        type(self).train(self, mode)
+        for n in children:
+            getattr(self, n).eval()
         return self
 
     model.train = types.MethodType(train, model)
