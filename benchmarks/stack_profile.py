@@ -6,24 +6,26 @@
 Why: on 2026-11-27 (H200, docs/gpu/2026-11-27-h200-c) the paper's nine nets stacked into one network took 23.05 ms
 per round against 46.01 ms one at a time, 2.00x, below the 2.3-3.6x predicted from the kernel count
 (docs/performance.md). Stacked by depth, where most kernels are twice one net's width, one stream gave 1.12x for
-1.59x fewer kernels. So a wider, grouped kernel costs more than a latency-bound kernel should. Three parts, each
-printed as soon as it is done and written to OUT/stack_profile.json:
+1.59x fewer kernels. So a wider, grouped kernel costs more than a latency-bound kernel should. Four parts, in
+this order, each printed as soon as it is done and written to OUT/stack_profile.json:
 
-1. convs: one 3x3 convolution of G nets (G groups of C channels, batch 128, bf16) forward and backward, against
+1. syncs: how often the CPU waits for the GPU in real stacked training (``train_side_by_side(stack=True)``,
+   synthetic CIFAR-format data), counted by ``torch.cuda.set_sync_debug_mode``. Until the fifth session every
+   run's batch made three blocking copies of its crop offsets and flips, each a wait for the GPU to drain (end to
+   end, a round of the nine was 4.9 ms slower than the graphs alone); now one pinned, non-blocking copy.
+   Expected: none per step, a few per log line and evaluation.
+2. convs: one 3x3 convolution of G nets (G groups of C channels, batch 128, bf16) forward and backward, against
    one net's convolution run G times, and against the same G nets as one dense convolution whose weight is
    block-diagonal (G times the arithmetic, one ungrouped kernel; timed with a full weight, as a dense kernel does
-   the same work whatever the values); channels_last and NCHW; each captured in a CUDA graph. ratio = grouped / (G x one net's): 1/G would be free width, 1 no gain.
-2. layouts: the captured step of all nine stacked, bf16 channels_last (what runs now), bf16 NCHW, fp32 (TF32)
+   the same work whatever the values); channels_last and NCHW; each captured in a CUDA graph. Ratio = grouped /
+   (G x one net's): 1/G would be free width, 1 no gain.
+3. profile: the kernels of a few eager steps of the nine stacked and of the deepest (ResNet-110) alone, summed by
+   kind (convolution, batch norm, optimizer, copy/cat, other), with the top kernels. GPU busy time per step
+   against the captured step's wall time says whether the kernels or the gaps between them cost the time.
+4. layouts: the captured step of all nine stacked, bf16 channels_last (what runs now), bf16 NCHW, fp32 (TF32)
    channels_last, and with ``torch.compile`` of the forward inside the graph (1.28x for one ResNet-56 on the
-   H200; compiles of the stacked network, with no graph break, were checked on the CPU only).
-0. syncs: how often the CPU waits for the GPU in real stacked training (``train_side_by_side(stack=True)``,
-   synthetic CIFAR-format data) under ``torch.cuda.set_sync_debug_mode``. Until the fifth session every run's
-   batch made three blocking copies of its crop offsets and flips, each a wait for the GPU to drain (the end-to-end
-   rounds were 4.9 ms slower than the graphs alone for the nine); now one pinned, non-blocking copy. Expected:
-   none per step, a few per log line and evaluation.
-3. profile: the kernels of a few eager steps of the nine stacked and of the deepest (ResNet-110) alone, summed by kind
-   (convolution, batch norm, optimizer, copy/cat, other), with the top kernels. GPU busy time per step against
-   the captured step's wall time says whether the kernels or the gaps between them cost the time.
+   H200; the stacked network compiles with no graph break on the CPU, untried on a GPU). Last, as compiling is
+   slow.
 """
 from __future__ import annotations
 
@@ -259,7 +261,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("stack-profile-out"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes and nets, for any machine")
-    p.add_argument("--parts", nargs="*", default=["syncs", "convs", "layouts", "profile"])
+    p.add_argument("--parts", nargs="*", default=["syncs", "convs", "profile", "layouts"])
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
@@ -294,10 +296,10 @@ def main(argv=None) -> int:
     part("convs", lambda: convs_part(batch, [2, 5, 9] if not smoke else [2], [(16, 32), (32, 16), (64, 8)]
                                      if not smoke else [(4, 8)], device, torch.bfloat16 if cuda else torch.float32,
                                      2 if smoke else 20))
+    part("profile", lambda: profile_part(nets, batch, 2 if smoke else 5))
     log("\nall %d nets stacked in one network, captured step, ms per round:\n| variant | ms | set-up s |\n"
         "|---|---|---|" % len(nets))
-    part("layouts", lambda: layouts_part(nets, batch, 2 if smoke else 30))
-    part("profile", lambda: profile_part(nets, batch, 2 if smoke else 5))
+    part("layouts", lambda: layouts_part(nets, batch, 2 if smoke else 30))     # last: it compiles the stack
     return 1 if res["errors"] else 0
 
 
