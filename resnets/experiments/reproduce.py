@@ -249,7 +249,7 @@ def _run_jobs(todo: list[TrainConfig], cifar, rt, workers: int | None, side_by_s
             signalled.append(signum)
             for f in futures:
                 f.cancel()                  # runs not started yet stay queued for the next `reproduce`
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            for proc in multiprocessing.active_children():     # the pool's workers
                 try:
                     os.kill(proc.pid, signum)
                 except ProcessLookupError:
