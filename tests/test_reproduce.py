@@ -176,3 +176,17 @@ def test_reproduce_workers_checkpoint_on_one_signal_to_the_group(tiny_cifar, tmp
         train = [e["step"] for e in read_log(f) if e["split"] == "train"]
         assert train == sorted(set(train)) and train[-1] == end and train[0] < steps[f.parent.name]
         assert [c.name for c in (f.parent / "checkpoints").glob("step-*")] == [f"step-{end:08d}"]
+
+
+def test_reproduce_workers_a_failing_run_does_not_stop_the_other(tiny_cifar, tmp_path):
+    """In worker processes (the CPU path), a run that cannot start (its directory is held by another process)
+    fails alone: the other run trains to its end, and the error names the failed run."""
+    from resnets.experiments.reproduce import SideBySideError
+    from resnets.train.rundir import RunLock
+    out = tmp_path / "exp"
+    held = out / "runs" / "resnet8-seed0"
+    with RunLock(held), pytest.raises(SideBySideError) as e:
+        run_experiment(replace(TINY, depths=(8,), seeds=1), out=out, data=str(tiny_cifar), progress=False,
+                       workers=2, responses=False)
+    assert list(e.value.errors) == [str(held)] and "in use" in str(e.value)
+    assert (out / "runs" / "plain8-seed0" / "summary.json").exists()

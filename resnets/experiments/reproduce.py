@@ -33,6 +33,7 @@ from ..models.paper import TABLE6_ERROR, TABLE6_PARAMS_M
 from ..train import read_log
 from ..train import train as train_run
 from ..train.rundir import StoppedBySignal
+from ..train.side_by_side import SideBySideError
 from ..train.runtime import pick_runtime
 
 
@@ -242,8 +243,9 @@ def _run_jobs(todo: list[TrainConfig], cifar, rt, workers: int | None, side_by_s
     # its foreground group) or `timeout` (its own group) would otherwise reach it twice, and a second signal stops
     # a run at once, without its checkpoint.
     with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx, initializer=os.setpgrp) as pool:
-        futures = [pool.submit(_worker_job, replace(cfg, threads=threads, progress=False)) for cfg in todo]
-        stopped, failed, signalled = [], [], []
+        futures = {pool.submit(_worker_job, replace(cfg, threads=threads, progress=False)): cfg.out for cfg in todo}
+        errors: dict[str, BaseException] = {}
+        signalled = []
 
         def forward(signum, frame):
             signalled.append(signum)
@@ -262,20 +264,19 @@ def _run_jobs(todo: list[TrainConfig], cifar, rt, workers: int | None, side_by_s
                     continue
                 try:
                     print(f"finished {Path(f.result()).name}", flush=True)
-                except StoppedBySignal as e:
-                    stopped.append(e)
                 except KeyboardInterrupt:       # stopped while setting up, before it had anything to save
                     pass
                 except Exception as e:  # noqa: BLE001 - the other runs finish (or checkpoint) first
-                    failed.append(e)
+                    errors[futures[f]] = e
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-    if failed:
-        raise failed[0]
-    if stopped:
-        first = stopped[0]
-        raise StoppedBySignal(first.signum, first.step, first.checkpoint, first.out, also=stopped[1:])
+    errors = {c.out: errors[c.out] for c in todo if c.out in errors}
+    if errors and all(isinstance(e, StoppedBySignal) for e in errors.values()):
+        first, *also = errors.values()
+        raise StoppedBySignal(first.signum, first.step, first.checkpoint, first.out, also=also)
+    if errors:
+        raise SideBySideError(errors) from next(iter(errors.values()))
     if signalled:
         raise KeyboardInterrupt
 
