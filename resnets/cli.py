@@ -191,7 +191,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .experiments.reproduce import run_experiment
+    from .experiments.reproduce import plot_progress, run_experiment
+
+    if args.plot_only:
+        out = args.out or f"runs/reproduce-cifar10-{args.preset}"
+        print(f"Wrote {plot_progress(out)}")
+        return 0
 
     overrides = {k: v for k, v in {"steps": args.steps, "device": args.device, "val_split": args.val_split,
                                    "compile": args.compile or None}.items() if v is not None}
@@ -300,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile", action="store_true",
                    help="torch.compile each net's (or the stack's) forward; on a GPU inside the captured step, where it "
                    "fuses BN, ReLU and the shortcut add (1.28x for ResNet-56 on an H200) for a one-off compile")
+    r.add_argument("--plot-only", action="store_true",
+                   help="train nothing: draw OUT/fig6-progress.png from the curves the runs have logged so far "
+                   "(an experiment that was stopped or is still training)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=cmd_reproduce)
 

@@ -190,3 +190,14 @@ def test_reproduce_workers_a_failing_run_does_not_stop_the_other(tiny_cifar, tmp
                        workers=2, responses=False)
     assert list(e.value.errors) == [str(held)] and "in use" in str(e.value)
     assert (out / "runs" / "plain8-seed0" / "summary.json").exists()
+
+
+def test_plot_only_draws_the_curves_logged_so_far(tiny_experiment, tmp_path, capsys):
+    """`resnets reproduce --plot-only --out DIR`: Fig. 6 from the runs' logs without training (for an experiment
+    stopped or still running); a directory without runs is a clear error."""
+    from resnets.cli import main
+    out, _ = tiny_experiment
+    assert main(["reproduce", "cifar10", "--plot-only", "--out", str(out)]) == 0
+    assert (out / "fig6-progress.png").stat().st_size > 0 and "fig6-progress.png" in capsys.readouterr().out
+    assert main(["reproduce", "cifar10", "--plot-only", "--out", str(tmp_path / "none")]) == 2
+    assert "no CIFAR runs with a log" in capsys.readouterr().err

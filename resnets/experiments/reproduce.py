@@ -438,7 +438,31 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_fig6(results: dict[str, Any], path: str | Path) -> Path:
+def plot_progress(out: str | Path) -> Path:
+    """Fig. 6 of an experiment that has not finished (stopped, or still training): the curves its runs under
+    OUT/runs have logged so far, averaged over seeds, in OUT/fig6-progress.png."""
+    out = Path(out)
+    runs, steps, val_split = [], 0, None
+    for run_dir in sorted((out / "runs").glob("*")):
+        if not ((run_dir / "config.json").exists() and (run_dir / "log.jsonl").exists()):
+            continue
+        cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        depth = cfg.model_kwargs.get("depth")
+        if depth is None or not cfg.model.startswith(("plain", "resnet")):
+            continue
+        steps, val_split = max(steps, cfg.steps or 0), cfg.val_split
+        runs.append({"net": "plain" if cfg.model.startswith("plain") else "resnet", "depth": depth,
+                     "seed": cfg.seed, "curves": _curves(run_dir)})
+    if not runs:
+        raise ValueError(f"{out}: no CIFAR runs with a log under {out / 'runs'}")
+    done = max((s for r in runs for s, _ in r["curves"]["train"]), default=0)
+    results = {"preset": out.name, "nets": sorted({r["net"] for r in runs}), "depths": sorted({r["depth"] for r in runs}),
+               "runs": runs, "config": {"steps": steps, "val_split": val_split}}
+    return plot_fig6(results, out / "fig6-progress.png",
+                     title=f"He et al. 2015 Fig. 6, so far: {done} of {steps} iterations ({out.name})")
+
+
+def plot_fig6(results: dict[str, Any], path: str | Path, title: str | None = None) -> Path:
     """Fig. 6 layout: plain nets left, ResNets right; training error dashed, test error solid; one colour per depth."""
     import matplotlib
     matplotlib.use("Agg")
@@ -465,7 +489,7 @@ def plot_fig6(results: dict[str, Any], path: str | Path) -> Path:
         held_out = "validation" if results["config"].get("val_split") else "test"
         ax.legend(title=f"dashed: training, bold: {held_out}", fontsize=8)
     axes[0][0].set_ylabel("error (%)")
-    fig.suptitle(f"He et al. 2015 Fig. 6, reproduced (preset {results['preset']}, {steps} iterations)")
+    fig.suptitle(title or f"He et al. 2015 Fig. 6, reproduced (preset {results['preset']}, {steps} iterations)")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
