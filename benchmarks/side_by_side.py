@@ -380,7 +380,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
+    if cuda:
+        # As training does (resnets.train.loop). The runs of 2026-11-27 left it off in the parity check and the
+        # graphs part (on only once the end-to-end part had trained). One net's step took 13-14% longer there
+        # than in gpu_step_variants.py, which had it on: ResNet-20, -56, -110 2.28, 6.29, 12.32 ms against
+        # 2.01, 5.53, 10.81 on the H200.
+        torch.backends.cudnn.benchmark = True
     res: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu",
+                 "cudnn_benchmark": torch.backends.cudnn.benchmark,
                  "date": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": os.getloadavg(), "errors": [],
                  "end_to_end": {}}
     log(f"[side_by_side] {res['device']}, torch {res['torch']}, smoke={args.smoke}")

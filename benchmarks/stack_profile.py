@@ -22,7 +22,8 @@ this order, each printed as soon as it is done and written to OUT/stack_profile.
 3. profile: the kernels of a few eager steps of the nine stacked and of the deepest (ResNet-110) alone, summed by
    kind (convolution, batch norm, optimizer, copy/cat, other), with the top kernels. GPU busy time per step
    against the captured step's wall time says whether the kernels or the gaps between them cost the time.
-4. layouts: the captured step of all nine stacked, bf16 channels_last (what runs now), bf16 NCHW, fp32 (TF32)
+4. layouts: the captured step of all nine stacked, bf16 channels_last (what runs now), bf16 NCHW, without
+   cudnn.benchmark (as side_by_side.py's graphs part ran on 2026-11-27: 13-14% slower for one net), fp32 (TF32)
    channels_last, and with ``torch.compile`` of the forward inside the graph (1.28x for one ResNet-56 on the
    H200; the stacked network compiles with no graph break on the CPU, untried on a GPU). Last, as compiling is
    slow.
@@ -142,15 +143,17 @@ def convs_part(batch: int, gs: list[int], widths: list[tuple[int, int]], device,
 def layouts_part(nets, batch: int, rounds: int) -> dict:
     base = pick_runtime("auto")
     cuda = base.device.type == "cuda"
-    variants = {"as trained": (base, False), "NCHW": (replace(base, channels_last=False), False)}
+    variants = {"as trained": (base, False, True), "NCHW": (replace(base, channels_last=False), False, True)}
     if cuda:
-        variants["fp32 (TF32)"] = (pick_runtime("auto", precision="fp32"), False)
-        variants["torch.compile in the graph"] = (base, True)     # last: one compile of the whole stack
-    tf32 = torch.backends.cudnn.allow_tf32
+        variants["cudnn.benchmark off"] = (base, False, False)     # as side_by_side.py ran on 2026-11-27
+        variants["fp32 (TF32)"] = (pick_runtime("auto", precision="fp32"), False, True)
+        variants["torch.compile in the graph"] = (base, True, True)     # last: one compile of the whole stack
+    tf32, bench = torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
     torch.backends.cudnn.allow_tf32 = True
     out = {}
     try:
-        for name, (rt, compile) in variants.items():
+        for name, (rt, compile, benchmark) in variants.items():
+            torch.backends.cudnn.benchmark = benchmark and cuda
             t0 = time.perf_counter()
             (step,) = stacked_statics(nets, batch, rt, compile=compile, by_depth=False)
             setup = time.perf_counter() - t0
@@ -159,7 +162,7 @@ def layouts_part(nets, batch: int, rounds: int) -> dict:
             log(f"| {name} ({rt.describe()}) | {out[name]:.2f} | {setup:.0f} |")
             del step, run
     finally:
-        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = tf32, bench
     return out
 
 
@@ -265,11 +268,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
+    if cuda:
+        torch.backends.cudnn.benchmark = True      # as training does; "layouts" also times the stack without it
     smoke = args.smoke or not cuda
     device = torch.device("cuda" if cuda else "cpu")
     batch = 8 if smoke else 128
     nets = [("resnet", 14), ("plain", 8)] if smoke else NINE
     res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+           "cudnn_benchmark": torch.backends.cudnn.benchmark,
            "date": time.strftime("%Y-%m-%d"), "smoke": smoke, "nets": [f"{n}-{d}" for n, d in nets], "errors": []}
     log(f"[stack_profile] {res['device']}, torch {res['torch']}, smoke={smoke}")
 
