@@ -9,7 +9,7 @@
 #   call 4  (if time is left)      BUDGET=150 bash benchmarks/gpu_session.sh suite
 #
 # The next lent session (planned 2026-11-27, fifth session; issue 15), 15 min with start-up:
-#   call 1  carry [".devdata/p1"]  BUDGET=240 bash benchmarks/gpu_session.sh profile
+#   call 1  carry [".devdata/p1"]  BUDGET=300 bash benchmarks/gpu_session.sh profile
 #   call 2  carry [".devdata/p2"]  true
 #   call 3  carry [".devdata/p3"]  bash .devdata/p3/assemble.sh .devdata && STACK=1 DEPTHS=20,32,44,56,110 LIMIT=420 \
 #           bash benchmarks/gpu_session.sh paper        # 31.4 ms per round on 2026-11-27, before the pinned copies;
@@ -30,7 +30,8 @@
 #        CUDA_DEVICE_MAX_CONNECTIONS=32 (and fused SGD), then ResNet-50 with compile in the graph (run on
 #        2026-11-27 with --infer-cuda-graphs too, an option removed since); BUDGET seconds in all (default 470).
 # suite: benchmarks/gpu_suite.sh (graph vs eager losses, CIFAR graph speed, ResNet-50 vs torchvision/timm).
-# profile: (prepared 2026-11-27, fifth session, not yet run) benchmarks/stack_profile.py: syncs per step of stacked
+# profile: (prepared 2026-11-27, fifth session, not yet run) side_by_side.py's parity check and graphs rows for the
+#        nine with the autotuner on; benchmarks/stack_profile.py: syncs per step of stacked
 #        training (the pinned batch copies), grouped vs one net's
 #        convolutions, the nine stacked in NCHW and fp32, a kernel profile of the stacked step; then the nine x 5
 #        seeds stacked (graphs), which the fifth session's `stack` call ran out of BUDGET for. BUDGET as below.
@@ -94,9 +95,14 @@ case $what in
   profile)
     end=$(( $(date +%s) + ${BUDGET:-300} ))
     left() { echo $(( end - $(date +%s) )); }
-    timeout -s INT "$(left)" python3 benchmarks/stack_profile.py --out "$OUT/profile" 2>&1 | tee "$OUT/profile.log"
+    # First the nine's graphs rows again, now with cuDNN's autotuner (off in every earlier run), and the parity
+    # check with its second floor: ~1 min.
+    # At most 8 files come back: the two side_by_side runs' .json/.md, stack_profile's .json and log, device.txt.
+    timeout -s INT "$(left)" python3 benchmarks/side_by_side.py --out "$OUT/sbs" --sets 2>&1
+    [ "$(left)" -gt 20 ] && timeout -s INT "$(left)" python3 benchmarks/stack_profile.py --out "$OUT/profile" 2>&1 \
+        | tee "$OUT/profile.log"
     [ "$(left)" -gt 90 ] && timeout -s INT "$(left)" python3 benchmarks/side_by_side.py --out "$OUT/stack-x5" \
-        --graph-set nine-x5 --sets --parity-steps 0 2>&1 | tee "$OUT/stack-x5.log"
+        --graph-set nine-x5 --sets --parity-steps 0 2>&1
     echo "profile: done with $(left) s of BUDGET left" ;;
   suite)
     bash benchmarks/gpu_suite.sh --budget-s "${BUDGET:-300}" "${@:2}" 2>&1 | tee "$OUT/gpu_suite.log" ;;
