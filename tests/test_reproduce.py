@@ -144,7 +144,8 @@ def test_reproduce_workers_checkpoint_on_one_signal_to_the_group(tiny_cifar, tmp
     """`resnets reproduce` on a CPU trains its runs in worker processes. A SIGINT to the whole process group (what
     Ctrl-C and `timeout` send) must stop every run with a checkpoint, and the next `reproduce` goes on from them.
     (It had lost work: a worker's StoppedBySignal could not be unpickled, which broke the pool and killed the
-    other worker before its checkpoint.)"""
+    other worker before its checkpoint.) A kill -9 of `reproduce` itself leaves no worker training on, and each
+    run checkpoints."""
     import os
     import signal
     import subprocess
@@ -176,6 +177,21 @@ def test_reproduce_workers_checkpoint_on_one_signal_to_the_group(tiny_cifar, tmp
         train = [e["step"] for e in read_log(f) if e["split"] == "train"]
         assert train == sorted(set(train)) and train[-1] == end and train[0] < steps[f.parent.name]
         assert [c.name for c in (f.parent / "checkpoints").glob("step-*")] == [f"step-{end:08d}"]
+    # kill -9 of `reproduce` itself: each worker sees its parent gone, checkpoints and exits (none trains on)
+    p = subprocess.Popen(cmd + ["--steps", "100000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                         start_new_session=True)
+    deadline = time.time() + 180
+    while not all(max(e["step"] for e in read_log(f) if e["split"] == "train") > end for f in logs):
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.5)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    while subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True).returncode == 0:   # the workers
+        assert time.time() < deadline + 60, "workers still running after their parent was killed"
+        time.sleep(0.5)
+    for f in logs:
+        (ck,) = (f.parent / "checkpoints").glob("step-*")
+        assert int(ck.name.split("-")[1]) > end
 
 
 def test_reproduce_workers_a_failing_run_does_not_stop_the_other(tiny_cifar, tmp_path):

@@ -200,9 +200,34 @@ def _train_job(cfg: TrainConfig, data_obj) -> str:
     return cfg.out
 
 
+_PARENT: int | None = None     # in a worker: the pid of the `reproduce` that started it
+
+
+def _worker_init(parent: int) -> None:
+    """A worker is its own process group, so that a signal reaches it once, forwarded by the parent (Ctrl-C or
+    `timeout` signal the whole group, and a second signal stops a run at once, without its checkpoint). If the
+    parent dies (kill -9), the worker sends itself one SIGTERM: its run checkpoints and stops instead of training
+    on, orphaned. (Not PR_SET_PDEATHSIG: the kernel sends that again as each of the parent's threads exits, and the
+    second signal lost the checkpoint.)"""
+    global _PARENT
+    _PARENT = parent
+    os.setpgrp()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="resnets-parent-watch", daemon=True).start()
+
+
 def _worker_job(cfg: TrainConfig) -> str:
     torch.set_num_threads(cfg.threads or 1)
-    return _train_job(cfg, None)
+    try:
+        return _train_job(cfg, None)
+    finally:
+        if _PARENT is not None and os.getppid() != _PARENT:
+            # Orphaned (its run has checkpointed): no more work will come, and the queue's pipe never closes.
+            os._exit(128 + signal.SIGTERM)
 
 
 def _stacked(stack: bool | str) -> str:
@@ -239,10 +264,8 @@ def _run_jobs(todo: list[TrainConfig], cifar, rt, workers: int | None, side_by_s
     print(f"training {n} runs at a time, {threads} thread(s) each", flush=True)
     # Workers load the data themselves (about a second from the cache); per-run progress bars would interleave.
     ctx = multiprocessing.get_context("spawn")
-    # Each worker is its own process group, so a signal reaches it once, from here: Ctrl-C (the terminal signals
-    # its foreground group) or `timeout` (its own group) would otherwise reach it twice, and a second signal stops
-    # a run at once, without its checkpoint.
-    with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx, initializer=os.setpgrp) as pool:
+    with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init,
+                                                initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_worker_job, replace(cfg, threads=threads, progress=False)): cfg.out for cfg in todo}
         errors: dict[str, BaseException] = {}
         signalled = []
