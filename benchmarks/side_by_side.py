@@ -91,9 +91,10 @@ class Timer:
         return statistics.median(times)
 
 
-def stacked_statics(nets, batch: int, rt, compile: bool, by_depth: bool = True) -> list[StackedStep]:
+def stacked_statics(nets, batch: int, rt, compile: bool, by_depth: bool = True,
+                    capture: bool = True) -> list[StackedStep]:
     """A captured stacked step per depth, its nets in the order given; or (``by_depth=False``) one for all the
-    nets, deepest first."""
+    nets, deepest first. ``capture=False``: eager steps (to profile their kernels one by one)."""
     depths = list(dict.fromkeys(d for _, d in nets)) if by_depth else [None]
     statics = []
     for depth in depths:
@@ -105,7 +106,7 @@ def stacked_statics(nets, batch: int, rt, compile: bool, by_depth: bool = True) 
         opt = StackedSGD(stacked, models, opts, 0.9, 1e-4, False)
         opt.set_lr([0.1] * len(models))
         s = StackedStep(stacked, opt, rt.autocast, (batch, 3, 32, 32), rt.device, rt.memory_format,
-                        capture=rt.is_cuda, compile=compile and rt.is_cuda, k=len(models))
+                        capture=capture and rt.is_cuda, compile=compile and rt.is_cuda, k=len(models))
         x = torch.randn(batch, 3 * len(models), 32, 32, device=rt.device).contiguous(memory_format=rt.memory_format)
         y = torch.randint(0, 10, (batch, len(models)), device=rt.device)
         for _ in range(4):       # 3 warm-up steps, then the capture

@@ -46,10 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from resnets.models import create_model  # noqa: E402
-from resnets.models.stacked import StackedCifarNets  # noqa: E402
 from resnets.train.runtime import pick_runtime  # noqa: E402
-from resnets.train.stacked import StackedSGD, StackedStep  # noqa: E402
 from side_by_side import NINE, stacked_statics  # noqa: E402
 
 KINDS = (("convolution", ("conv", "xmma", "implicit", "wgrad", "dgrad", "gemm", "cudnn", "cutlass")),
@@ -173,18 +170,9 @@ def profile_part(nets, batch: int, steps: int) -> dict:
     res = {}
     cases = {"all stacked": sorted(nets, key=lambda nd: -nd[1]), "deepest alone": [max(nets, key=lambda nd: nd[1])]}
     for name, group in cases.items():
-        torch.manual_seed(0)
-        models = [create_model(f"{n}20", depth=d).to(rt.device, memory_format=rt.memory_format) for n, d in group]
-        stacked = StackedCifarNets(models).to(rt.device, memory_format=rt.memory_format).train()
-        opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4) for m in models]
-        sgd = StackedSGD(stacked, models, opts, 0.9, 1e-4, False)
-        sgd.set_lr([0.1] * len(models))
-        step = StackedStep(stacked, sgd, rt.autocast, (batch, 3, 32, 32), rt.device, rt.memory_format,
-                           capture=False, k=len(models))
-        x = torch.randn(batch, 3 * len(models), 32, 32, device=rt.device).contiguous(memory_format=rt.memory_format)
-        y = torch.randint(0, 10, (batch, len(models)), device=rt.device)
-        for _ in range(3):
-            step(x, y)
+        (step,) = stacked_statics(group, batch, rt, compile=False, by_depth=False, capture=False)   # warmed up
+        x = torch.randn(batch, 3 * len(group), 32, 32, device=rt.device).contiguous(memory_format=rt.memory_format)
+        y = torch.randint(0, 10, (batch, len(group)), device=rt.device)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
             for _ in range(steps):
@@ -221,7 +209,7 @@ def profile_part(nets, batch: int, steps: int) -> dict:
         log("| top kernel | calls per step | ms per step |\n|---|---|---|")
         for t in res[name]["top"][:10]:
             log(f"| {t['name'][:90]} | {t['calls_per_step']:.0f} | {t['ms_per_step']:.3f} |")
-        del step, stacked, models
+        del step
     return res
 
 

@@ -197,7 +197,7 @@ def test_reproduce_workers_checkpoint_on_one_signal_to_the_group(tiny_cifar, tmp
 def test_reproduce_workers_a_failing_run_does_not_stop_the_other(tiny_cifar, tmp_path):
     """In worker processes (the CPU path), a run that cannot start (its directory is held by another process)
     fails alone: the other run trains to its end, and the error names the failed run."""
-    from resnets.experiments.reproduce import SideBySideError
+    from resnets.train.side_by_side import SideBySideError
     from resnets.train.rundir import RunLock
     out = tmp_path / "exp"
     held = out / "runs" / "resnet8-seed0"

@@ -32,8 +32,7 @@ from ..data import load_cifar
 from ..models.paper import TABLE6_ERROR, TABLE6_PARAMS_M
 from ..train import read_log
 from ..train import train as train_run
-from ..train.rundir import StoppedBySignal
-from ..train.side_by_side import SideBySideError
+from ..train.side_by_side import raise_run_errors
 from ..train.runtime import pick_runtime
 
 
@@ -294,12 +293,7 @@ def _run_jobs(todo: list[TrainConfig], cifar, rt, workers: int | None, side_by_s
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-    errors = {c.out: errors[c.out] for c in todo if c.out in errors}
-    if errors and all(isinstance(e, StoppedBySignal) for e in errors.values()):
-        first, *also = errors.values()
-        raise StoppedBySignal(first.signum, first.step, first.checkpoint, first.out, also=also)
-    if errors:
-        raise SideBySideError(errors) from next(iter(errors.values()))
+    raise_run_errors({c.out: errors[c.out] for c in todo if c.out in errors})
     if signalled:
         raise KeyboardInterrupt
 

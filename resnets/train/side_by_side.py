@@ -124,13 +124,18 @@ def train_side_by_side(cfgs: list[TrainConfig], *, data=None,
                 errors[i] = r
             else:
                 results[i] = r
-    errors = {cfgs[i].out: e for i, e in sorted(errors.items())}
+    raise_run_errors({cfgs[i].out: e for i, e in sorted(errors.items())})
+    return results
+
+
+def raise_run_errors(errors: dict[str, BaseException]) -> None:
+    """After runs trained together have all ended: nothing if none failed; one :class:`StoppedBySignal` listing
+    every checkpoint if all were stopped by a signal; else :class:`SideBySideError` naming every failure."""
     if errors and all(isinstance(e, StoppedBySignal) for e in errors.values()):
-        first = next(iter(errors.values()))
-        raise StoppedBySignal(first.signum, first.step, first.checkpoint, first.out, also=list(errors.values())[1:])
+        first, *also = errors.values()
+        raise StoppedBySignal(first.signum, first.step, first.checkpoint, first.out, also=also)
     if errors:
         raise SideBySideError(errors) from next(iter(errors.values()))
-    return results
 
 
 def _one(steps: Generator[int, None, TrainResult]) -> Generator[int, None, list]:
