@@ -24,11 +24,27 @@ from resnets.models.paper import TABLE6_ERROR  # noqa: E402
 from resnets.train import read_log  # noqa: E402
 
 
+def training_clock(rows: list[dict]) -> list[dict]:
+    """The log with elapsed_s counted over all launches. Runs resumed before checkpoints kept their time restarted
+    it at 0 in each launch; a launch goes on from the last record before it (its checkpoint's step: the log is
+    cut there on resume)."""
+    out, offset, last = [], 0.0, 0.0
+    for r in rows:
+        if "elapsed_s" in r:
+            if r["elapsed_s"] + offset < last:
+                offset = last
+            r = {**r, "elapsed_s": r["elapsed_s"] + offset}
+            last = r["elapsed_s"]
+        out.append(r)
+    return out
+
+
 def report(out: Path, target: float | None = None, marks=(15, 30, 45, 60)) -> dict:
     rows = read_log(out / "log.jsonl")
     cfg = json.loads((out / "config.json").read_text())
     depth = cfg.get("model_kwargs", {}).get("depth") or int("".join(c for c in cfg["model"] if c.isdigit()) or 0)
     target = target if target is not None else TABLE6_ERROR.get(depth)
+    rows = training_clock(rows)
     evals = [(r["elapsed_s"] / 60, r["error"], r["step"]) for r in rows if r["split"] in ("test", "val")]
     train = [(r["elapsed_s"] / 60, r["error"]) for r in rows if r["split"] == "train"]
     at = {}

@@ -213,3 +213,14 @@ def test_stack_profile_smoke(tmp_path):
     assert prof["busy_ms_per_step"] > 0 and prof["by_kind"]["convolution"]["kernels_per_step"] > 0
     assert res["profile"]["deepest alone"]["nets"] == ["resnet-14"]
     assert res["syncs"]["runs"] == 2 and res["syncs"]["checked"] is False
+
+
+def test_converge_report_counts_every_launch_of_a_resumed_run():
+    """Logs of runs resumed before checkpoints kept their time restart elapsed_s at 0 in each launch; the
+    convergence report's minutes go on from the record where the launch resumed."""
+    import converge_cifar
+    rows = [{"step": 50, "split": "train", "elapsed_s": 10.0}, {"step": 100, "split": "test", "elapsed_s": 20.0},
+            {"step": 100, "split": "event", "event": "resumed"}, {"step": 150, "split": "train", "elapsed_s": 4.0},
+            {"step": 200, "split": "test", "elapsed_s": 9.0}, {"step": 250, "split": "train", "elapsed_s": 30.0}]
+    assert [r.get("elapsed_s") for r in converge_cifar.training_clock(rows)] == [10, 20, None, 24, 29, 50]
+    assert [r.get("elapsed_s") for r in converge_cifar.training_clock(rows[:2])] == [10, 20]

@@ -53,6 +53,8 @@ def test_exact_resume_is_bit_identical(tiny_cifar, tmp_path):
     half = train(tiny_cfg(tiny_cifar, tmp_path / "b", steps=30, milestones=(30, 45), eval_every=30,
                           checkpoint_every=30, log_every=5))
     assert half.step == 30
+    before = load_checkpoint(tmp_path / "b/checkpoints/step-00000030").state["elapsed_s"]
+    assert 0 < before <= half.seconds
     resumed = train(tiny_cfg(tiny_cifar, tmp_path / "b", steps=60, milestones=(30, 45), eval_every=30,
                              checkpoint_every=30, log_every=5, resume="auto"))
     wa, wb = weights(tmp_path / "a/checkpoints/step-00000060"), weights(tmp_path / "b/checkpoints/step-00000060")
@@ -62,6 +64,9 @@ def test_exact_resume_is_bit_identical(tiny_cifar, tmp_path):
     lb = [(r["step"], r["loss"]) for r in read_log(tmp_path / "b/log.jsonl") if r["split"] == "train"]
     assert la == lb and len(la) == 12
     assert straight.final["error"] == resumed.final["error"]
+    # times go on from the checkpoint's: the log's clock never runs backwards and the summary counts both launches
+    times = [r["elapsed_s"] for r in read_log(tmp_path / "b/log.jsonl") if "elapsed_s" in r]
+    assert times == sorted(times) and resumed.seconds > before
 
 
 _KILL_SCRIPT = r"""

@@ -59,7 +59,7 @@ class TrainResult:
     best: dict[str, float] | None
     train_error: float | None          # over the last log interval
     train_loss: float | None
-    seconds: float
+    seconds: float                     # training time of all launches (a resume goes on from its checkpoint's)
 
 
 def train(cfg: TrainConfig, *, data=None, on_log: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
@@ -149,7 +149,7 @@ class Run:
     last_good: Path | None = None
     final: dict[str, Any] = field(default_factory=dict)
     last_train: dict[str, Any] = field(default_factory=dict)
-    t_start: float = 0.0
+    t_start: float = 0.0               # perf_counter at the run's start, moved back by a resumed run's time
     t_ckpt: float = 0.0                # when the last checkpoint was written (or the run started)
 
     @property
@@ -171,7 +171,7 @@ class Run:
             return None
         state = {"step": step, "optimizer": self.optimizer.state_dict(), "warming_up": self.warming,
                  "recent_wrong": list(self.recent_wrong), "best": self.best, "rng": ck.rng_state(self.rt.device),
-                 "log_partial": partial}
+                 "log_partial": partial, "elapsed_s": time.perf_counter() - self.t_start}
         return ck.save_checkpoint(path or self.out / "checkpoints" / f"step-{step:08d}", self.model,
                                   meta={**self.meta, "step": step, "metrics": metrics},
                                   preprocess=self.source.preprocess(), state=state)
@@ -217,6 +217,8 @@ def setup(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
         run.recent_wrong.extend(st.get("recent_wrong", []))
         ck.set_rng_state(st["rng"], rt.device)
         run.window.restore(st.get("log_partial"), ctx)
+        # elapsed_s in the log and summary.json counts every launch up to here (older checkpoints lack it)
+        run.t_start = time.perf_counter() - st.get("elapsed_s", 0.0)
     if ctx.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         # overwrite is an instruction to this launch, not part of the run: a later --config must not repeat it
