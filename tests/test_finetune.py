@@ -192,3 +192,26 @@ def test_freeze_keeps_frozen_batchnorm_in_eval_also_in_a_copy():
     assert not model.layer3[0].bn1.training         # the original stayed in eval
     with pytest.raises(ValueError, match="layer9"):
         freeze(create_model("resnet18"), "layer9")
+
+
+def test_weights_start_only_the_net_they_were_built_as():
+    """A checkpoint records only the arguments that differ from the net's defaults; asking for another depth, a
+    plain net or other shortcuts is still refused, and restating what the weights are is not."""
+    from resnets.train.finetune import load_initial
+    for asked in ({"depth": 32}, {"residual": False}, {"shortcut": "B"}):
+        with pytest.raises(ValueError, match=f"drop {asked}"):
+            load_initial("resnet20", "cifar10", asked)
+    for same in ({"depth": 20}, {"shortcut": "A"}, {"zero_init_residual": True}):
+        assert load_initial("resnet20", "cifar10", same).model.depth == 20
+
+
+def test_a_checkpoint_folder_named_like_a_shipped_tag_is_read_as_a_path(tmp_path, monkeypatch):
+    from resnets.models import create_model
+    from resnets.train.checkpoint import save_checkpoint
+    from resnets.train.finetune import load_initial
+    monkeypatch.chdir(tmp_path)
+    net = create_model("resnet20", depth=8)
+    save_checkpoint("cifar10-run", net, meta={"model": "resnet20", "model_kwargs": {"depth": 8, "num_classes": 10}})
+    got = load_initial("resnet20", "cifar10-run", {})
+    assert got.source == "the checkpoint cifar10-run" and got.model.depth == 8
+    assert all(torch.equal(a, b) for a, b in zip(got.model.state_dict().values(), net.state_dict().values()))

@@ -96,8 +96,10 @@ def checked_path(model: str, tag: str) -> Path:
 
 
 def is_pretrained_tag(weights: Any) -> bool:
-    """Whether ``weights`` names shipped weights (a tag such as "cifar10") rather than a file path."""
-    return isinstance(weights, str) and weights.startswith("cifar") and not Path(weights).suffix
+    """Whether ``weights`` names shipped weights (a tag such as "cifar10") rather than a file path: a path that
+    exists (a checkpoint folder named cifar10-run, say) is a path."""
+    return isinstance(weights, str) and weights.startswith("cifar") and not Path(weights).suffix \
+        and not Path(weights).exists()
 
 
 def pack(checkpoint: str, out: str, card: dict[str, Any]) -> str:

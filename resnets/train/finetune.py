@@ -76,10 +76,13 @@ def _from_checkpoint(name: str, c: ck.Checkpoint, source: str, kwargs: dict) -> 
     if c.model_name != name:
         raise ValueError(f"{source} are for {c.model_name}, but this run trains {name}: pass --model "
                          f"{c.model_name}, or weights made for {name}")
-    clash = {k: v for k, v in kwargs.items() if c.model_kwargs.get(k, v) != v}
-    if clash:
-        raise ValueError(f"{source} are for {name}{c.model_kwargs}; drop {clash}")
     model = ck.model_from_checkpoint(c)
+    # The net asked for must be the one the weights were built as. A checkpoint records only the arguments that
+    # differ from the net's defaults, so compare the nets (their module trees), not the arguments.
+    n = c.model_kwargs.get("num_classes")
+    if kwargs and repr(create_model(name, **kwargs, **({"num_classes": n} if n else {}))) != repr(model):
+        clash = {k: v for k, v in kwargs.items() if k not in c.model_kwargs or c.model_kwargs[k] != v}
+        raise ValueError(f"{source} are for {name}{c.model_kwargs}; drop {clash or kwargs}")
     norm = Normalizer.from_state_dict(c.preprocess) if c.preprocess else None
     size = norm.image_size[1] if norm is not None and norm.image_size else None
     return Initial(model, source, c.classes, norm, size)
