@@ -125,9 +125,11 @@ def train_config(args: argparse.Namespace):
     overrides["model_kwargs"] = model_kwargs(args)
     if args.config:
         base = TrainConfig.load(args.config)
-        if not overrides["model_kwargs"]:
-            overrides.pop("model_kwargs")
+        # as over a recipe: model flags add to the file's model arguments, and --steps replaces its epochs
+        overrides["model_kwargs"] = {**base.model_kwargs, **overrides["model_kwargs"]}
         cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        if overrides["steps"] is not None and overrides["epochs"] is None:
+            cfg = dataclasses.replace(cfg, epochs=None)
     else:
         overrides["model"] = args.model or (RECIPES[args.recipe].model if args.recipe in RECIPES else "resnet20")
         overrides["out"] = args.out or f"runs/{overrides['model']}"

@@ -100,7 +100,8 @@ def test_each_flag_sets_its_field(name, tmp_path):
     file_cfg = dataclasses.replace(RECIPES["cifar-fast"], out="runs/file", model_kwargs={"depth": 8}, seed=5)
     (tmp_path / "c.json").write_text(file_cfg.to_json())
     argv, value = sample(f, file_cfg)
-    assert parse("--config", str(tmp_path / "c.json"), *argv) == dataclasses.replace(file_cfg, **{name: value})
+    also = {"epochs": None} if name == "steps" else {}       # --steps replaces the file's epochs, as a recipe's
+    assert parse("--config", str(tmp_path / "c.json"), *argv) == dataclasses.replace(file_cfg, **{name: value}, **also)
 
 
 @pytest.mark.parametrize("argv,expected", [
@@ -191,3 +192,15 @@ def test_a_new_field_becomes_a_flag_without_a_cli_edit(monkeypatch):
     finally:
         monkeypatch.undo()
         config._hints.cache_clear()
+
+
+def test_config_file_flags_add_to_its_model_arguments_and_steps_replace_its_epochs(tmp_path):
+    """Over a --config as over a recipe: --shortcut keeps the file's zero_init_residual, --steps its epochs."""
+    f = tmp_path / "config.json"
+    saved = dataclasses.replace(RECIPES["imagenet-modern"], out="runs/saved", epochs=90)
+    assert saved.model_kwargs == {"zero_init_residual": True}
+    f.write_text(saved.to_json())
+    cfg = parse("--config", str(f), "--shortcut", "C", "--steps", "40")
+    assert cfg.model_kwargs == {"zero_init_residual": True, "shortcut": "C"}
+    assert (cfg.steps, cfg.epochs) == (40, None)
+    assert parse("--config", str(f), "--steps", "40", "--epochs", "3").epochs == 3
