@@ -257,3 +257,19 @@ def test_bad_numeric_flag_is_a_clear_error(flag, value, tiny_cifar, tmp_path, ca
     assert code in (1, 2), (code, err)
     assert "Traceback" not in err and err.strip()
     assert not (out / "config.json").exists()
+
+
+def test_overwrite_in_the_current_folder_moves_only_the_run_beside_it(tmp_path, monkeypatch):
+    """--out . with --overwrite: the run's files go to a sibling named after the folder; the user's stay."""
+    from resnets.train.rundir import check_fresh_start
+    here = tmp_path / "work"
+    (here / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (here / "config.json").write_text("{}")
+    (here / "log.jsonl").write_text("")
+    (here / "notes.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    said = check_fresh_start(Path("."), overwrite=True)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("work.old-")]
+    assert len(aside) == 1 and str(aside[0]) in said
+    assert sorted(p.name for p in aside[0].iterdir()) == ["checkpoints", "config.json", "log.jsonl"]
+    assert sorted(p.name for p in here.iterdir()) == ["notes.txt"]

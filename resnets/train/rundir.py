@@ -81,6 +81,10 @@ def _read_holder(fd: int) -> dict[str, Any]:
         return {}
 
 
+# What a run writes into its directory (resnets.train.loop, .log); --overwrite moves these and only these.
+RUN_ITEMS = ("config.json", "log.jsonl", "log.csv", "summary.json", "tensorboard", "checkpoints")
+
+
 def run_contents(out: Path) -> list[str]:
     """What in ``out`` belongs to a run (empty: no run there)."""
     found = []
@@ -96,8 +100,8 @@ def run_contents(out: Path) -> list[str]:
 
 
 def check_fresh_start(out: Path, overwrite: bool) -> str | None:
-    """Refuse (RunDirError) a fresh run in a directory holding a run; with ``overwrite``, move that run to a
-    sibling ``OUT.old-TIMESTAMP`` directory and return a sentence saying so."""
+    """Refuse (RunDirError) a fresh run in a directory holding a run; with ``overwrite``, move that run (its
+    :data:`RUN_ITEMS`) to a sibling ``OUT.old-TIMESTAMP`` directory and return a sentence saying so."""
     found = run_contents(out)
     if not found:
         return None
@@ -105,6 +109,7 @@ def check_fresh_start(out: Path, overwrite: bool) -> str | None:
         raise RunDirError(f"{out} already holds a run ({', '.join(found)}). Continue it with --resume auto, or "
                           f"start over with --overwrite (the old run is moved to {out.name}.old-TIMESTAMP beside it; "
                           "nothing is deleted), or give this run another --out.")
+    out = out.resolve()     # --out . has no name of its own; its sibling is named after the folder
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     aside = out.parent / f"{out.name}.old-{stamp}"
     k = 1
@@ -112,9 +117,9 @@ def check_fresh_start(out: Path, overwrite: bool) -> str | None:
         aside = out.parent / f"{out.name}.old-{stamp}-{k}"
         k += 1
     aside.mkdir()
-    for item in out.iterdir():
-        if item.name != LOCK:
-            shutil.move(str(item), str(aside / item.name))
+    for name in RUN_ITEMS:     # other files (the user's own, in --out .) stay where they are
+        if (out / name).exists():
+            shutil.move(str(out / name), str(aside / name))
     return f"--overwrite: the run that was in {out} ({', '.join(found)}) was moved to {aside}"
 
 
@@ -192,11 +197,11 @@ def own_run_dir(cfg, ctx) -> RunLock | None:
                 moved = check_fresh_start(Path(cfg.out), cfg.overwrite)
                 if moved:
                     print(moved, flush=True)
-        except RunDirError as e:
+        except (RunDirError, OSError) as e:    # OSError: --overwrite could not move the old run aside
             if lock is not None:
                 lock.__exit__(None, None, None)
                 lock = None
-            error = str(e)
+            error = str(e) if isinstance(e, RunDirError) else f"{cfg.out}: {type(e).__name__}: {e}"
     if ctx.enabled:
         error = ctx.broadcast_object(error)
     if error is not None:
