@@ -397,3 +397,34 @@ def test_sigterm_under_torchrun_stops_all_ranks_at_one_step_and_resumes_exactly(
     a, b = final_weights(torchrun_unbroken, 12), final_weights(run, 12)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert train_losses(torchrun_unbroken) == train_losses(run)
+
+
+def test_replacing_a_checkpoint_never_leaves_none(tmp_path, monkeypatch):
+    """``best`` is rewritten in place: a failed swap puts the old one back, and a save killed between the two
+    renames is put right by the next prune; folders of names resnets does not write are never read or pruned."""
+    from resnets.models import create_model
+    from resnets.train import checkpoint as ck
+    first, second = create_model("resnet20", depth=8), create_model("resnet20", depth=8)
+    best = tmp_path / "checkpoints" / "best"
+    ck.save_checkpoint(best, first, meta={"model": "resnet20", "model_kwargs": {"depth": 8}})
+    real, calls = os.replace, []
+
+    def second_rename_fails(a, b):
+        calls.append(Path(b).name)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(a, b)
+    monkeypatch.setattr(ck.os, "replace", second_rename_fails)
+    with pytest.raises(CheckpointError, match="previous checkpoint is untouched"):
+        ck.save_checkpoint(best, second, meta={"model": "resnet20", "model_kwargs": {"depth": 8}})
+    monkeypatch.undo()
+    kept = load_checkpoint(best, with_state=False).weights
+    assert all(torch.equal(kept[k], v) for k, v in first.state_dict().items() if k in kept)
+    # killed between the renames: only .best.old-PID is there; prune puts it back
+    real(best, best.parent / ".best.old-123")
+    for name in ("step-00000002", "step-00000004", "step-00000004.bak", "step-00000006-good"):
+        ck.save_checkpoint(best.parent / name, first)
+    ck.prune_checkpoints(best.parent, keep_last=1)
+    assert sorted(p.name for p in best.parent.iterdir()) == ["best", "step-00000004", "step-00000004.bak",
+                                                              "step-00000006-good"]
+    assert [p.name for p in ck.list_checkpoints(best.parent)] == ["step-00000004"]

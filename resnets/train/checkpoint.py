@@ -17,6 +17,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,10 +147,14 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, meta: dict[str
         if state_bytes is not None:
             _write_synced(tmp / STATE, state_bytes)
         _fsync_dir(tmp)
-        if final.exists():
+        if final.exists():   # a directory cannot be renamed over a full one: the old one steps aside first
             old = final.parent / f".{final.name}.old-{os.getpid()}"
             os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                os.replace(old, final)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
@@ -256,7 +261,8 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     d = Path(directory)
     if not d.is_dir():
         return []
-    found = [c for c in d.iterdir() if c.is_dir() and c.name.startswith("step-") and (c / WEIGHTS).exists()]
+    # only the names resnets writes: a user's step-00032000.bak or step-00032000-good is neither read nor pruned
+    found = [c for c in d.iterdir() if c.is_dir() and re.fullmatch(r"step-\d+", c.name) and (c / WEIGHTS).exists()]
     return sorted(found, key=lambda c: int(c.name.split("-")[1]))
 
 
@@ -265,6 +271,12 @@ def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for junk in Path(directory).glob(".*.tmp-*"):
         shutil.rmtree(junk, ignore_errors=True)
+    for old in Path(directory).glob(".*.old-*"):    # a save killed while replacing: put back what it replaced
+        final = old.parent / old.name[1:].rsplit(".old-", 1)[0]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
