@@ -237,7 +237,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.batch_size is not None and not args.static_batch:
         raise ValueError("--batch-size fixes the batch of the exported model: give it with --static-batch")
     res = export(args.checkpoint, model=args.model, weights=args.weights, fmt=args.format, out=args.out,
-                 opset=args.opset, dynamic_batch=not args.static_batch, batch_size=args.batch_size or 1,
+                 opset=args.opset, dynamic_batch=not args.static_batch,
+                 batch_size=1 if args.batch_size is None else args.batch_size,
                  image_size=args.image_size, tolerance=args.tolerance, verify=not args.no_verify)
     print(res.summary(), file=sys.stdout if res.ok else sys.stderr)
     return 0 if res.ok else 1

@@ -380,7 +380,8 @@ def export_model(model: nn.Module | ExportSource, out: str | os.PathLike, fmt: s
                  dynamic_batch: bool = True, verify: bool = True, tolerance: float = TOLERANCE) -> ExportResult:
     """Export ``model`` (on CPU, fp32, eval mode) to ONNX or TorchScript, with its metadata, and check the file
     against PyTorch. A bare network gets no class names or preprocessing; an :class:`ExportSource` brings them.
-    The file appears only once it is complete: on an error nothing is left at ``out``."""
+    The file appears only once it is complete: on an error nothing is left at ``out``, and a file that fails the
+    check goes to ``OUT-STEM.failed.SUFFIX`` instead (``result.path``)."""
     out = Path(out)
     _check_out(out, fmt)
     if batch_size < 1:
@@ -412,7 +413,9 @@ def export_model(model: nn.Module | ExportSource, out: str | os.PathLike, fmt: s
             batches = sorted({1, example_batch, 3}) if dynamic_batch else [example_batch]
             result.max_abs_diff, result.max_abs_logit = verify_export(net, tmp, fmt, shape, batches)
             result.checked_batches = batches
-        os.replace(tmp, out)
+        if not result.ok:   # keep a good file at out; the failed one lies beside it, to look into
+            result.path = out.with_name(f"{out.stem}.failed{out.suffix}")
+        os.replace(tmp, result.path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -147,12 +147,19 @@ def test_torchscript_parity_metadata_and_cli(finetuned, tmp_path, capsys, monkey
         assert (net(x) - ours(x)).abs().max() <= TOLERANCE
     meta = read_metadata(out)
     assert meta["classes"] == CLASSES and meta["preprocess"]["mode"] == "pixel-mean"
-    # above the tolerance: non-zero exit, and it says so
+    # above the tolerance: non-zero exit, it says so, and the good file at --out stays; the failed one lies beside it
     import resnets.export as ex
+    good = out.read_bytes()
     monkeypatch.setattr(ex, "verify_export", lambda *a, **k: (3e-3, 1.0))
     assert main(["export", "--model", "resnet20", "--format", "torchscript", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "FAILED: above the tolerance 0.0001" in err and "no class names" in err
+    assert out.read_bytes() == good and f"wrote {tmp_path / 'pets.failed.pt'}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pets.failed.pt", "pets.pt"]
+    # a static batch of 0 is refused, not read as 1
+    assert main(["export", "--model", "resnet20", "--out", str(tmp_path / "z.onnx"), "--static-batch",
+                 "--batch-size", "0"]) != 0
+    assert "batch size must be positive" in capsys.readouterr().err
 
 
 def test_onnx_parity_resnet50(tmp_path):
