@@ -269,6 +269,18 @@ def test_download_good_archive_lands_in_cache(clean_env, fake10, http_dir):
     assert again.source.startswith("cache")
 
 
+def test_an_incomplete_cache_folder_is_moved_aside_once_not_downloaded_over_forever(clean_env, fake10, http_dir):
+    served, base = http_dir
+    md5 = make_tgz(served / "c10.tar.gz", fake10["folder"])
+    (clean_env / "cifar-10-batches-py").mkdir(parents=True)
+    (clean_env / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"cut short")     # no batches.meta
+    with pytest.warns(UserWarning, match="was incomplete"):
+        assert_same(load_cifar(url=f"{base}/c10.tar.gz", md5=md5, progress=False, mirror_fetch=no_mirror), fake10)
+    aside = [p for p in os.listdir(clean_env) if p.startswith("cifar-10-batches-py.incomplete-")]
+    assert len(aside) == 1 and os.listdir(clean_env / aside[0]) == ["data_batch_1"]     # kept, not deleted
+    assert load_cifar(download=False).source.startswith("cache")                          # no second download
+
+
 def test_download_url_from_env(clean_env, fake10, http_dir, monkeypatch):
     served, base = http_dir
     md5 = make_tgz(served / "c10.tar.gz", fake10["folder"])

