@@ -215,3 +215,16 @@ def test_a_checkpoint_folder_named_like_a_shipped_tag_is_read_as_a_path(tmp_path
     got = load_initial("resnet20", "cifar10-run", {})
     assert got.source == "the checkpoint cifar10-run" and got.model.depth == 8
     assert all(torch.equal(a, b) for a, b in zip(got.model.state_dict().values(), net.state_dict().values()))
+
+
+def test_a_damaged_checkpoint_says_so(tmp_path):
+    from resnets.models import create_model
+    from resnets.train.checkpoint import CheckpointError, save_checkpoint
+    from resnets.train.finetune import load_initial
+    ck = save_checkpoint(tmp_path / "ck", create_model("resnet20", depth=8), meta={"model": "resnet20"})
+    raw = bytearray((ck / "model.safetensors").read_bytes())
+    raw[-3] ^= 0xFF                                   # a flipped bit in the last weight
+    (ck / "model.safetensors").write_bytes(bytes(raw))
+    for path in (ck, ck / "model.safetensors"):
+        with pytest.raises(CheckpointError, match="checksum mismatch"):
+            load_initial("resnet20", str(path), {})

@@ -58,7 +58,9 @@ def load_initial(name: str, weights: str, model_kwargs: dict) -> Initial:
     try:
         c = ck.load_checkpoint(path, with_state=False)
     except ck.CheckpointError:
-        c = None
+        if path.is_dir() or path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
+            raise   # a damaged checkpoint or safetensors file: its own error says what is wrong
+        c = None    # a pickled file of another layout: load_state_dict_file knows more of them
     if c is not None and c.model_name is not None:
         return _from_checkpoint(name, c, f"the checkpoint {path}", kwargs)
     from ..models.convert import load_state_dict_file   # a bare state dict (e.g. torchvision's .pth format)
