@@ -80,8 +80,8 @@ class TrainConfig:
                              _IMAGEFOLDER, choices=("paper", "random-resized"))
     crop_min_area: float = _field(0.08, "random-resized crops: the smallest fraction of the image's area (0.08, as "
                                   "torchvision's references)", _IMAGEFOLDER)
-    hflip: bool = _field(True, "random-resized crops: random horizontal flips too (off for images whose mirror "
-                         "means something else, e.g. digits)", _IMAGEFOLDER)
+    hflip: bool = _field(True, "random horizontal flips in training, every crop style and CIFAR (off for images "
+                         "whose mirror means something else, e.g. digits)", _IMAGEFOLDER)
     resize_min: int = _field(256, "scale augmentation: shorter side from [min, max] (256)", _IMAGEFOLDER)
     resize_max: int = _field(480, "scale augmentation: longest shorter side (480)", _IMAGEFOLDER)
     eval_resize: int | None = _field(256, "shorter side before the test centre crop and the 10 crops (256; the "

@@ -233,3 +233,16 @@ def test_loader_rejects_bad_input():
         DeviceLoader(images, labels[:5], 4, "cpu", train=True, normalizer=norm)
     with pytest.raises(ValueError):
         DeviceLoader(images, labels, 11, "cpu", train=True, normalizer=norm)  # no full batch
+
+
+def test_no_flip_keeps_every_image_unmirrored():
+    """--no-hflip reaches CIFAR training: with pad 0 the crop is the image, so only a flip could change it."""
+    images = torch.arange(16 * 3 * 4 * 4, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(16, 3, 4, 4)
+    norm = Normalizer("pixel-mean", images)
+
+    def batches(flip):
+        dl = DeviceLoader(images, list(range(16)), 8, "cpu", train=True, normalizer=norm, pad=0, flip=flip)
+        return [dl.batch(s) for s in range(6)]
+    plain = [norm(images.index_select(0, y), torch.float32) for _, y in batches(False)]
+    assert all(torch.equal(x, p) for (x, _), p in zip(batches(False), plain))
+    assert not all(torch.equal(x, p) for (x, _), p in zip(batches(True), plain))

@@ -464,3 +464,16 @@ def test_multiscale_default_scales_and_softmax():
     assert torch.allclose(s.sum(-1), torch.ones(2))
     lst = multiscale_predict(net, [x[0], x[1, :, :20]], scales)
     assert lst.shape == (2, 5)
+
+
+def test_flip_and_lighting_flags_reach_both_crop_styles():
+    from torchvision.transforms import v2
+
+    from resnets.data.imagefolder import PCALighting, paper_train_transform, random_resized_transform
+    norm = Normalizer("channel", mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
+    kinds = lambda tf: [type(t) for t in tf.transforms]                                   # noqa: E731
+    assert v2.RandomHorizontalFlip in kinds(paper_train_transform(norm))
+    assert v2.RandomHorizontalFlip not in kinds(paper_train_transform(norm, hflip=False))
+    assert PCALighting not in kinds(random_resized_transform(norm, 32, 0.35, True))
+    assert PCALighting in kinds(random_resized_transform(norm, 32, 0.35, False, alphastd=0.1))
+    assert v2.RandomHorizontalFlip not in kinds(random_resized_transform(norm, 32, 0.35, False, alphastd=0.1))

@@ -288,3 +288,13 @@ def test_evaluate_model_per_class_error():
     assert "per_class_error" not in evaluate_model(model, loader, rt)
     r2 = evaluate_model(model, loader, rt, classes=4, reduce=lambda t: t.mul_(2))
     assert r2["per_class_error"] == r["per_class_error"] and r2["n"] == 16 and r2["error"] == 37.5
+
+
+def test_no_hflip_reaches_the_cifar_loader(tiny_cifar, tmp_path):
+    from resnets.train import distributed as ddp
+    from resnets.train.runtime import pick_runtime
+    from resnets.train.sources import make_source
+    rt = pick_runtime("cpu")
+    for hflip in (True, False):
+        src = make_source(tiny_cfg(tiny_cifar, tmp_path, hflip=hflip), rt, ddp.DistContext())
+        assert src.loader.flip is hflip

@@ -105,7 +105,7 @@ class DeviceLoader:
     def __init__(self, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | Sequence[int],
                  batch_size: int, device: torch.device | str, *, train: bool, normalizer: Normalizer,
                  seed: int = 0, augment: bool = True, drop_last: bool = True, channels_last: bool = False,
-                 dtype: torch.dtype = torch.float32, pad: int = 4):
+                 dtype: torch.dtype = torch.float32, pad: int = 4, flip: bool = True):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.device = torch.device(device)
@@ -124,6 +124,7 @@ class DeviceLoader:
         self.channels_last = bool(channels_last)
         self.dtype = dtype
         self.pad = int(pad)
+        self.flip = bool(flip)
         self.epoch = 0
         if self.steps_per_epoch() == 0:
             raise ValueError(f"{self.n} samples give no full batch of {batch_size} (use drop_last=False)")
@@ -167,7 +168,7 @@ class DeviceLoader:
             x, y = self.images.index_select(0, idx), self.labels.index_select(0, idx)
         if self.train and self.augment:
             g = torch.Generator().manual_seed(_seed_for(self.seed, _AUG_STREAM, step))
-            x = pad_crop_flip(x, self.pad, generator=g)
+            x = pad_crop_flip(x, self.pad, generator=g, flip=self.flip)
         x = self.normalizer(x, self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -369,7 +369,7 @@ def imagenet_normalizer(divide_by_std: bool = False) -> Normalizer:
 
 
 def paper_train_transform(normalizer: Normalizer | None = None, *, min_size: int = 256, max_size: int = 480,
-                          crop: int = 224, alphastd: float = 0.1) -> v2.Compose:
+                          crop: int = 224, alphastd: float = 0.1, hflip: bool = True) -> v2.Compose:
     """The ImageNet training augmentation of He et al. 2015, Sec. 3.4, on uint8 (3, H, W) images:
 
     1. :class:`RandomShortSideResize` (shorter side uniform in [256, 480]; scale augmentation),
@@ -378,25 +378,30 @@ def paper_train_transform(normalizer: Normalizer | None = None, *, min_size: int
     5. mean subtraction by ``normalizer``, by default :func:`imagenet_normalizer` ``()``: the per-channel ImageNet
        mean * 255, the common approximation of the paper's per-pixel mean (see there for the exact one).
 
-    Output: float32 (3, crop, crop) in 0..255 units minus the mean. ``min_size``, ``max_size``, ``crop`` and
-    ``alphastd`` are only exposed for tests and experiments; the defaults are the paper's."""
+    Output: float32 (3, crop, crop) in 0..255 units minus the mean. ``min_size``, ``max_size``, ``crop``,
+    ``alphastd`` and ``hflip`` (False: no step 3) are exposed for experiments; the defaults are the paper's."""
     return v2.Compose([
         RandomShortSideResize(min_size, max_size),
         v2.RandomCrop(crop, pad_if_needed=True),
-        v2.RandomHorizontalFlip(0.5),
+        *([v2.RandomHorizontalFlip(0.5)] if hflip else []),
         v2.ToDtype(torch.float32, scale=False),
         PCALighting(alphastd, max_value=255.0),
         imagenet_normalizer() if normalizer is None else normalizer,
     ])
 
 
-def random_resized_transform(normalizer: Normalizer, crop: int, min_area: float, hflip: bool):
+def random_resized_transform(normalizer: Normalizer, crop: int, min_area: float, hflip: bool,
+                             alphastd: float = 0.0):
     """Fine-tuning's training crops (not the paper): a random part of the image (``min_area`` to all of its area,
-    aspect 3/4 to 4/3) resized to ``crop`` x ``crop``, a horizontal flip if ``hflip``, then ``normalizer``."""
+    aspect 3/4 to 4/3) resized to ``crop`` x ``crop``, a horizontal flip if ``hflip``, PCA lighting if
+    ``alphastd`` > 0, then ``normalizer``."""
     steps = [v2.RandomResizedCrop(crop, scale=(min_area, 1.0), antialias=True)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=False), normalizer])
+    steps.append(v2.ToDtype(torch.float32, scale=False))
+    if alphastd > 0:
+        steps.append(PCALighting(alphastd, max_value=255.0))
+    return v2.Compose([*steps, normalizer])
 
 
 def standard_eval_transform(resize: int = 256, crop: int = 224, normalizer: Normalizer | None = None) -> v2.Compose:

@@ -55,7 +55,7 @@ class CifarSource:
         self.normalizer = normalizer or Normalizer(cfg.normalize, data.train_images)
         self.loader = DeviceLoader(data.train_images, data.train_labels, cfg.batch_size, rt.device, train=True,
                                    normalizer=self.normalizer, seed=cfg.seed, augment=cfg.augment,
-                                   channels_last=rt.channels_last)
+                                   channels_last=rt.channels_last, flip=cfg.hflip)
         if ctx.enabled and len(eval_labels) >= ctx.world_size:
             lo, hi = _shard(len(eval_labels), ctx)
             eval_images, eval_labels = eval_images[lo:hi], eval_labels[lo:hi]
@@ -191,10 +191,10 @@ class ImageFolderSource:
         self.rt, self.ctx = rt, ctx
         self.normalizer = normalizer or imagefolder_normalizer(cfg.normalize)
         if cfg.augment and cfg.crop_style == "random-resized":
-            tf = random_resized_transform(self.normalizer, cfg.crop, cfg.crop_min_area, cfg.hflip)
+            tf = random_resized_transform(self.normalizer, cfg.crop, cfg.crop_min_area, cfg.hflip, cfg.lighting)
         elif cfg.augment:
             tf = paper_train_transform(self.normalizer, min_size=cfg.resize_min, max_size=cfg.resize_max,
-                                       crop=cfg.crop, alphastd=cfg.lighting)
+                                       crop=cfg.crop, alphastd=cfg.lighting, hflip=cfg.hflip)
         else:
             tf = standard_eval_transform(cfg.eval_resize, cfg.crop, self.normalizer)
         train_ds = ImageFolderDataset(train_dir, transform=tf, skip_bad_files=True)
