@@ -330,3 +330,20 @@ def test_predict_errors(cifar_checkpoint, images, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="no preprocessing"):
         predict(no_pre, images[:1])
     assert main(["predict", "--checkpoint", str(no_pre), str(images[0])]) == 1
+
+
+def test_torchvision_file_downloaded_by_hand_builds_torchvision_layout(tmp_path):
+    """The offline advice: pass the path of torchvision's file. Its name says which weights it holds, so the
+    bottleneck net is built as torchvision's v1.5 (same shapes as v1: loading alone could not tell)."""
+    from resnets.train.finetune import load_initial
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet50().eval()
+    path = tmp_path / "resnet50-0676ba61.pth"                   # torchvision's IMAGENET1K_V1 file name
+    torch.save(tv.state_dict(), path)
+    ours = resnets.create_model("resnet50", weights=str(path)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), tv(x), rtol=1e-4, atol=1e-4)
+    got = load_initial("resnet50", str(path), {})
+    assert "IMAGENET1K_V1" in got.source and len(got.classes) == 1000 and got.normalizer.std is not None
+    assert resnets.models.registry.torchvision_file_tag("resnet50", tmp_path / "mine.pth") is None

@@ -149,6 +149,21 @@ def torchvision_weights_url(name: str, tag: str | None = None, base_url: str | N
     return base_url.rstrip("/") + "/" + entry.url.rsplit("/", 1)[1]
 
 
+def torchvision_file_tag(name: str, weights: Any) -> str | None:
+    """The tag of torchvision's published weights whose file ``weights`` is, by its file name (torchvision names
+    each file after the net and its hash: resnet50-0676ba61.pth is IMAGENET1K_V1); None for any other value. Such
+    a file, downloaded by hand for a machine without network, must build torchvision's layout (v1.5) as
+    ``weights="torchvision:TAG"`` does: the shapes alone cannot tell the layouts apart."""
+    if not isinstance(weights, (str, os.PathLike)) or name not in TORCHVISION_WEIGHTS:
+        return None
+    base = os.path.basename(os.fspath(weights))
+    if not base.endswith(".pth"):
+        return None
+    from torchvision.models import get_model_weights
+
+    return next((e.name for e in get_model_weights(name) if e.url.rsplit("/", 1)[1] == base), None)
+
+
 def _download_state_dict(url: str, name: str, progress: bool) -> dict[str, Any]:
     """torch.hub's cache (TORCH_HOME/hub/checkpoints), SHA-256 checked against the ``-<hash>`` in the file name,
     loaded with weights_only=True."""
@@ -162,7 +177,8 @@ def _download_state_dict(url: str, name: str, progress: bool) -> dict[str, Any]:
     file_name = url.rsplit("/", 1)[1]
     cache = os.path.join(torch.hub.get_dir(), "checkpoints")
     todo = (f"Without network access: download {url} on another machine and either put it in {cache}/ or pass its "
-            f"path: create_model({name!r}, weights=\"/path/to/{file_name}\") (command line: --weights PATH).")
+            f"path, keeping that file name: create_model({name!r}, weights=\"/path/to/{file_name}\") (command line: --weights "
+            "PATH).")
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=progress, check_hash=True,
                                                   file_name=file_name, weights_only=True)
@@ -220,7 +236,7 @@ def create_model(name: str, weights: str | os.PathLike | None = None, *, weights
     unknown = set(overrides) - _ALLOWED
     if unknown:
         raise ValueError(f"unknown argument(s) for {name}: {sorted(unknown)}; allowed: {sorted(_ALLOWED)}")
-    if isinstance(weights, str) and weights.split(":", 1)[0] == "torchvision":
+    if (isinstance(weights, str) and weights.split(":", 1)[0] == "torchvision") or torchvision_file_tag(name, weights):
         if name not in TORCHVISION_WEIGHTS:
             torchvision_weights_url(name)  # raises the ValueError listing what torchvision has
         wanted = {"num_classes": 1000, "shortcut": "B", "residual": True, "in_channels": 3,

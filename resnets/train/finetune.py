@@ -21,7 +21,7 @@ from torch import nn
 
 from ..data import Normalizer
 from ..models import create_model
-from ..models.registry import torchvision_weights_entry
+from ..models.registry import torchvision_file_tag, torchvision_weights_entry
 from ..models import pretrained as shipped
 from . import checkpoint as ck
 
@@ -40,12 +40,14 @@ def load_initial(name: str, weights: str, model_kwargs: dict) -> Initial:
     """The model ``name`` with the weights ``weights`` ("torchvision[:TAG]", a shipped tag such as "cifar10", a
     resnets checkpoint, or a weights file), and what they bring. Raises ValueError for another architecture."""
     kwargs = {k: v for k, v in model_kwargs.items() if k != "num_classes"}
-    if weights.split(":", 1)[0] == "torchvision":
+    file_tag = torchvision_file_tag(name, weights)       # torchvision's file, downloaded by hand
+    if weights.split(":", 1)[0] == "torchvision" or file_tag:
         from ..data.imagefolder import imagenet_normalizer
         model = create_model(name, weights=weights, **kwargs)
-        entry = torchvision_weights_entry(name, weights)
-        tag = weights.split(":", 1)[1] if ":" in weights else "DEFAULT"
-        return Initial(model, f"torchvision's {name} {tag} weights", list(entry.meta["categories"]),
+        entry = torchvision_weights_entry(name, file_tag or weights)
+        tag = file_tag or (weights.split(":", 1)[1] if ":" in weights else "DEFAULT")
+        return Initial(model, f"torchvision's {name} {tag} weights" + (f" ({weights})" if file_tag else ""),
+                       list(entry.meta["categories"]),
                        imagenet_normalizer(divide_by_std=True),      # torchvision's weights expect /std
                        entry.transforms().crop_size[0])
     if shipped.is_pretrained_tag(weights):
