@@ -113,11 +113,15 @@ def _is_imagenet_family(model_name: str | None) -> bool:
         return True
 
 
-def _from_checkpoint(c: ck.Checkpoint, net: nn.Module) -> ExportSource:
-    # the same resolution and resizing as resnets.predict.Predictor, so the file classifies as `resnets predict`
-    size = c.meta.get("config", {}).get("crop") if c.meta.get("dataset") == "imagefolder" else None
+def checkpoint_source(c: ck.Checkpoint, net: nn.Module) -> ExportSource:
+    # resnets.predict.Predictor uses this too, so the file classifies as `resnets predict` does. An ImageFolder
+    # run's images are brought to size as its evaluation did: shorter side to its eval_resize, centre crop.
     name = getattr(net, "model_name", None)
-    return ExportSource(net, size or image_size_for(name, c.preprocess), c.classes, c.preprocess or None,
+    if c.meta.get("dataset") == "imagefolder":
+        conf = c.meta.get("config", {})
+        return ExportSource(net, conf.get("crop") or image_size_for(name, c.preprocess), c.classes,
+                            c.preprocess or None, True, conf.get("eval_resize"), dataset="imagefolder")
+    return ExportSource(net, image_size_for(name, c.preprocess), c.classes, c.preprocess or None,
                         _is_imagenet_family(name), dataset=c.meta.get("dataset"))
 
 
@@ -147,7 +151,7 @@ def load_source(checkpoint: str | os.PathLike | None = None, model: str | None =
             except ValueError as e:
                 raise ck.CheckpointError(f"{c.path}: the checkpoint does not say which model it holds and is not "
                                          f"a torchvision ResNet state_dict ({e}); pass --model NAME") from None
-        src = _from_checkpoint(c, net)
+        src = checkpoint_source(c, net)
     elif model is None:
         raise ValueError("give --checkpoint PATH or --model NAME")
     else:
@@ -156,7 +160,7 @@ def load_source(checkpoint: str | os.PathLike | None = None, model: str | None =
             src = _torchvision_source(net, model, weights)
         else:   # a shipped file or a file of ours is a checkpoint: its classes and preprocessing come along
             c = _checkpoint_of(model, weights)
-            src = _from_checkpoint(c, net) if c is not None else \
+            src = checkpoint_source(c, net) if c is not None else \
                 ExportSource(net, image_size_for(model), center_crop=_is_imagenet_family(model))
         src.weights = src.weights or (None if weights is None else str(weights))
     n_out = src.net.fc.out_features if isinstance(getattr(src.net, "fc", None), nn.Linear) else None

@@ -2,7 +2,8 @@
 
 Each image is read with PIL, converted to RGB and brought to the training resolution (CIFAR checkpoints: resized to
 32x32, as the 32x32 training images of Section 4.2; ImageNet nets: the shorter side resized to 256/224 of the crop,
-then the centre crop, as the single-crop testing of Section 3.4), then normalised with the checkpoint's own
+then the centre crop, as the single-crop testing of Section 3.4; a run on ImageFolder data, whatever the net: the
+shorter side to its ``eval_resize``, then the centre crop, as its evaluation), then normalised with the checkpoint's own
 ``Normalizer`` (the training set's mean image, or per-channel mean/std). The top-k classes are named with the class
 names stored in the checkpoint.
 """
@@ -17,8 +18,7 @@ import torch
 from torch import nn
 
 from .data.augment import Normalizer
-from .export import image_size_for
-from .models import get_spec
+from .export import checkpoint_source
 from .train import checkpoint as ck
 
 
@@ -26,21 +26,28 @@ class ImageReadError(ValueError):
     """An image file that cannot be read; the message names the file."""
 
 
-def load_image(path: str | os.PathLike, size: tuple[int, int], center_crop: bool = False) -> torch.Tensor:
-    """One image file as a uint8 (3, H, W) tensor of the given size."""
+def load_image(path: str | os.PathLike, size: tuple[int, int], center_crop: bool = False,
+               resize_shorter: int | None = None) -> torch.Tensor:
+    """One image file as a uint8 (3, H, W) tensor of the given size: the whole image resized to it, or
+    (``center_crop``) the shorter side resized to ``resize_shorter`` (default 256/224 of the crop), then the centre
+    crop. EXIF orientation is applied and 16-bit images are scaled to 8 bits, as in training
+    (:func:`resnets.data.imagefolder.decode_image_bytes`)."""
+    import numpy as np
     from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):   # convert("RGB") would clip at 255, not scale
+                img = Image.fromarray((np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
             img = img.convert("RGB")
     except FileNotFoundError:
         raise ImageReadError(f"{path}: no such image file") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # UnidentifiedImageError: OSError
         raise ImageReadError(f"{path}: cannot read the image ({e})") from None
     h, w = size
-    if center_crop:  # shorter side to 256/224 of the crop, then the centre crop
-        scale = (256 / 224) * max(h, w) / min(img.size)
+    if center_crop:
+        scale = (resize_shorter or (256 / 224) * max(h, w)) / min(img.size)
         img = img.resize((max(w, round(img.size[0] * scale)), max(h, round(img.size[1] * scale))),
                          Image.Resampling.BILINEAR)
         left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
@@ -62,6 +69,7 @@ class Predictor:
     center_crop: bool
     name: str | None = None
     source: str | None = None
+    resize_shorter: int | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Predictor":
@@ -76,15 +84,10 @@ class Predictor:
         n_out = model.fc.out_features if isinstance(getattr(model, "fc", None), nn.Linear) else len(c.classes)
         if n_out != len(c.classes):
             raise ck.CheckpointError(f"{c.path}: {len(c.classes)} class names for a network with {n_out} outputs")
-        size = c.meta.get("config", {}).get("crop") if c.meta.get("dataset") == "imagefolder" else None
-        size = size or image_size_for(c.model_name, c.preprocess)
-        size = (size, size) if isinstance(size, int) else size
-        try:
-            family = get_spec(c.model_name).family
-        except ValueError:
-            family = "imagenet"
-        return cls(model, list(c.classes), Normalizer.from_state_dict(c.preprocess), size, family == "imagenet",
-                   c.model_name, str(c.path))
+        src = checkpoint_source(c, model)      # the size and resizing that evaluation and the exported file use
+        size = (src.image_size, src.image_size) if isinstance(src.image_size, int) else tuple(src.image_size)
+        return cls(model, list(c.classes), Normalizer.from_state_dict(c.preprocess), size, src.center_crop,
+                   c.model_name, str(c.path), src.resize_shorter)
 
     @property
     def device(self) -> torch.device:
@@ -93,7 +96,7 @@ class Predictor:
     @torch.no_grad()
     def probabilities(self, images: Sequence[str | os.PathLike], batch_size: int = 64) -> torch.Tensor:
         """The full softmax, (N, num_classes), float32 on the CPU. Every file is read before the network runs."""
-        pixels = torch.stack([load_image(p, self.size, self.center_crop) for p in images])
+        pixels = torch.stack([load_image(p, self.size, self.center_crop, self.resize_shorter) for p in images])
         out = []
         for chunk in pixels.split(batch_size):
             x = self.normalizer(chunk.to(self.device))

@@ -261,3 +261,25 @@ def test_imagefolder_checkpoint_metadata_reproduces_predict_input(tmp_path):
     predictor = Predictor.from_checkpoint(ckpt)
     ours = predictor.normalizer(load_image(image, predictor.size, predictor.center_crop)[None])[0]
     assert np.abs(x - ours.numpy()).max() <= 1e-4
+
+
+def test_predict_and_export_resize_an_imagefolder_run_as_its_evaluation_did(tmp_path):
+    """A CIFAR net fine-tuned on ImageFolder data at crop 32 was evaluated on the centre of each image (shorter
+    side to its eval_resize, 32): predict and the exported metadata do the same, not a squash of the whole image."""
+    from PIL import Image
+
+    from resnets.predict import load_image
+    from resnets.data.imagefolder import decode_image_bytes, standard_eval_transform
+    ckpt = save_checkpoint(tmp_path / "ckpt", create_model("resnet20", depth=8, num_classes=3),
+                           meta={"model": "resnet20", "model_kwargs": {"depth": 8, "num_classes": 3},
+                                 "classes": CLASSES, "dataset": "imagefolder",
+                                 "config": {"crop": 32, "eval_resize": 36}},
+                           preprocess={"mode": "pixel-mean", "mean": torch.zeros(3, 32, 32)})
+    predictor = Predictor.from_checkpoint(ckpt)
+    assert (predictor.size, predictor.center_crop, predictor.resize_shorter) == ((32, 32), True, 36)
+    p = export_metadata(load_source(ckpt), (1, 3, 32, 32), 3, True)["preprocess"]
+    assert p["resize"] == "shorter-side-then-center-crop" and p["resize_shorter_side"] == 36
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (36, 72, 3), dtype=np.uint8)).save(wide)
+    evaluated = standard_eval_transform(36, 32, torch.nn.Identity())(decode_image_bytes(wide.read_bytes()))
+    assert torch.equal(load_image(wide, predictor.size, True, predictor.resize_shorter), evaluated.to(torch.uint8))

@@ -347,3 +347,25 @@ def test_torchvision_file_downloaded_by_hand_builds_torchvision_layout(tmp_path)
     got = load_initial("resnet50", str(path), {})
     assert "IMAGENET1K_V1" in got.source and len(got.classes) == 1000 and got.normalizer.std is not None
     assert resnets.models.registry.torchvision_file_tag("resnet50", tmp_path / "mine.pth") is None
+
+
+def test_predict_reads_images_as_training_does(tmp_path):
+    """16-bit PNGs scaled (not clipped) to 8 bits and EXIF orientation applied, by predict's PIL path and the
+    training decoder alike."""
+    from PIL import Image
+
+    from resnets.data.imagefolder import decode_image_bytes
+    deep = tmp_path / "deep.png"
+    Image.fromarray((np.arange(16, dtype=np.uint16) * 4000).reshape(4, 4)).save(deep)
+    assert Image.open(deep).mode.startswith("I")
+    ours = load_image(deep, (4, 4))
+    assert torch.equal(ours, decode_image_bytes(deep.read_bytes())) and ours.max() == 234
+    rotated = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                    # Orientation: rotate 90 on display
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = 255                                                # left half white, as stored
+    Image.fromarray(stored).save(rotated, exif=exif.tobytes(), quality=95)
+    trained = decode_image_bytes(rotated.read_bytes())
+    assert trained.shape == (3, 40, 20) and trained[:, :18].float().mean() > 250   # upright: white on top
+    assert (load_image(rotated, (40, 20)).int() - trained.int()).abs().max() <= 3

@@ -127,14 +127,15 @@ def _to_rgb_uint8(img: torch.Tensor) -> torch.Tensor:
 def decode_image_bytes(data: bytes | bytearray | memoryview | torch.Tensor, path: str | None = None) -> torch.Tensor:
     """Decode encoded image bytes (JPEG, PNG, WebP, GIF) to a uint8 (3, H, W) RGB tensor with
     ``torchvision.io.decode_image(mode=RGB)``: grayscale, CMYK, RGBA (alpha dropped) and palette images all become
-    3-channel; 16-bit PNGs are scaled to 8 bits; an animated GIF gives its first frame.
+    3-channel; 16-bit PNGs are scaled to 8 bits; an animated GIF gives its first frame; a photo's EXIF orientation
+    is applied (upright, as `resnets predict` and image viewers show it).
     Raises :class:`BadImageError` (naming ``path`` if given) when the bytes cannot be decoded."""
     where = f" {path!r}" if path is not None else ""
     data = _as_byte_tensor(data)
     if data.numel() == 0:
         raise BadImageError(f"image file{where} is empty", path)
     try:
-        img = decode_image(data, mode=ImageReadMode.RGB)
+        img = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except (RuntimeError, ValueError) as e:
         reason = re.sub(r"^.*?\.(?:cpp|h):\d+,\s*", "", str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
         raise BadImageError(f"cannot decode image file{where}: {reason}", path) from e
