@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", help="with --model: shipped weights, e.g. cifar10 (docs/models.md)")
     e.add_argument("--data", help="directory with the data set")
     e.add_argument("--device", default="auto")
-    e.add_argument("--subset", type=int, help="only the first N test images")
+    e.add_argument("--subset", type=int, help="only N test images (CIFAR: the first N; ImageFolder: N spread over "
+                   "every class)")
     e.add_argument("--per-class", action="store_true", help="CIFAR: also the top-1 error of each class")
     e.add_argument("--no-progress", action="store_true")
     ev = e.add_mutually_exclusive_group()

@@ -106,7 +106,7 @@ class TrainConfig:
                            _RUNTIME)
     # evaluation, logging, checkpoints
     eval_every: int = _field(2_000, "evaluate every N steps (and at the end)", _LOGS)
-    eval_subset: int | None = _field(None, "evaluate on the first N test images (a fixed subset)", _LOGS)
+    eval_subset: int | None = _field(None, "evaluate on a fixed N of the test images (CIFAR: the first N; ImageFolder: N spread over every class)", _LOGS)
     log_every: int = _field(50, "log the training loss and error every N steps", _LOGS)
     checkpoint_every: int = _field(2_000, "checkpoint every N steps (0: not by steps)", _LOGS)
     checkpoint_minutes: float = _field(10.0, "also checkpoint when this many minutes passed since the last "

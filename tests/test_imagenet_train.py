@@ -56,7 +56,7 @@ def test_imagenet_paper_recipe_is_section_3_4():
         {"zero_init_residual": True, "stride_in": "3x3"}
 
 
-def test_imagefolder_training_end_to_end(folders, tmp_path, capsys):
+def test_imagefolder_training_end_to_end(folders, tmp_path, capsys, monkeypatch):
     # in-process (`resnets` is cli.main): a new interpreter per command would prove nothing more here
     from resnets.cli import main
     out = tmp_path / "run"
@@ -79,6 +79,16 @@ def test_imagefolder_training_end_to_end(folders, tmp_path, capsys):
     centre = evaluate_imagefolder_checkpoint(ckpt, folders, device="cpu", workers=0)
     assert centre["n"] == 9 and centre["error"] == log[-1]["error"]
     assert centre["loss"] == pytest.approx(log[-1]["loss"], rel=1e-4)
+    # --subset 3 of the 9 class-sorted val images: one of each class, not the first class's three
+    from resnets.train.sources import spread_subset
+    assert spread_subset(9, 3) == [0, 3, 6] and spread_subset(10, 4) == [0, 2, 5, 7]
+    assert spread_subset(5, None) == spread_subset(5, 9) == [0, 1, 2, 3, 4]
+    seen = []
+    monkeypatch.setattr(resnets.train.evaluate, "evaluate_model",
+                        lambda m, loader, rt, **k: seen.extend(y.tolist() for _, y in loader) or {"n": 3})
+    evaluate_imagefolder_checkpoint(ckpt, folders, device="cpu", workers=0, subset=3)
+    monkeypatch.undo()
+    assert sorted(sum(seen, [])) == [0, 1, 2]
     ms = evaluate_imagefolder_checkpoint(ckpt, folders, protocol="multi-scale", scales=(64, 80), flip=True,
                                          device="cpu", workers=0)
     assert ms["n"] == 9 and 0 <= ms["error"] <= 100 and ms["protocol"] == "multi-scale"

@@ -15,7 +15,7 @@ from torch import nn
 from ..data import DeviceLoader, load_cifar
 from . import checkpoint as ck
 from .runtime import Runtime, pick_runtime
-from .sources import _OnDevice, normalizer_from_checkpoint
+from .sources import _OnDevice, normalizer_from_checkpoint, spread_subset
 
 
 def count_wrong(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +144,7 @@ def evaluate_imagefolder_checkpoint(path: str | os.PathLike, data: str | os.Path
     if c.classes and list(ds.classes) != list(c.classes):
         raise ck.CheckpointError(f"{c.path}: trained on {len(c.classes)} classes {c.classes[:3]}..., "
                                  f"{val_dir} has {len(ds.classes)}: {ds.classes[:3]}...")
-    indices = list(range(min(len(ds), subset) if subset else len(ds)))
+    indices = spread_subset(len(ds), subset)     # every class, not the first few (the samples are class-sorted)
     if protocol == "center":
         loader = make_loader(ds, batch_size, train=False, num_workers=workers, sampler=indices,
                              persistent_workers=False, pin_memory=rt.is_cuda)

@@ -219,11 +219,12 @@ class ImageFolderSource:
             if list(val_ds.classes) != self.classes:
                 raise ValueError(f"{val_dir} has {len(val_ds.classes)} class folders, {train_dir} has "
                                  f"{len(self.classes)}; they must be the same (sorted) names")
-            n = min(len(val_ds), cfg.eval_subset) if cfg.eval_subset else len(val_ds)
+            chosen = spread_subset(len(val_ds), cfg.eval_subset)
+            n = len(chosen)
             lo, hi = (_shard(n, ctx) if ctx.enabled and n >= ctx.world_size else (0, n))
             self.sharded_eval = ctx.enabled and n >= ctx.world_size
             self.eval_loader = _OnDevice(make_loader(val_ds, self.local_batch, train=False, num_workers=cfg.workers,
-                                                     sampler=list(range(lo, hi)), persistent_workers=False,
+                                                     sampler=chosen[lo:hi], persistent_workers=False,
                                                      pin_memory=rt.is_cuda), rt)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,6 +243,14 @@ class ImageFolderSource:
 
     def close(self) -> None:
         self._it = None
+
+
+def spread_subset(n: int, subset: int | None) -> list[int]:
+    """``subset`` of ``n`` samples spread evenly over them (all when ``subset`` is None or >= n). ImageFolder
+    samples are sorted by class, so the first ``subset`` would be the first few classes only."""
+    if not subset or subset >= n:
+        return list(range(n))
+    return [i * n // subset for i in range(subset)]
 
 
 def make_source(cfg: TrainConfig, rt: Runtime, ctx: ddp.DistContext, data=None, normalizer: Normalizer | None = None):
