@@ -522,12 +522,13 @@ def _average_curves(curves: list[list[tuple[int, float]]]) -> list[tuple[int, fl
 
 
 def _fig7(runs, out: Path, cifar, subset) -> dict[str, Any] | None:
+    from ..train.checkpoint import list_checkpoints
     from .responses import analyze_checkpoints, plot_responses
 
     seed0 = [r for r in runs if r["seed"] == 0]
     paths = []
     for r in seed0:
-        ckpts = sorted((Path(r["dir"]) / "checkpoints").glob("step-*"))
+        ckpts = list_checkpoints(Path(r["dir"]) / "checkpoints")     # complete step-N ones, by step
         if ckpts:
             paths.append(str(ckpts[-1]))
     if not paths:
