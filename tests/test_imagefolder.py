@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 from pathlib import Path
 
@@ -477,3 +478,26 @@ def test_flip_and_lighting_flags_reach_both_crop_styles():
     assert PCALighting not in kinds(random_resized_transform(norm, 32, 0.35, True))
     assert PCALighting in kinds(random_resized_transform(norm, 32, 0.35, False, alphastd=0.1))
     assert v2.RandomHorizontalFlip not in kinds(random_resized_transform(norm, 32, 0.35, False, alphastd=0.1))
+
+
+def test_evaluation_leaves_unreadable_files_out_instead_of_counting_a_neighbour_twice(tmp_path):
+    from resnets.data.imagefolder import BadImageWarning, make_loader, standard_eval_transform
+    from resnets.train.evaluate import evaluate_model
+    from resnets.train.runtime import pick_runtime
+    write_random_imagefolder(tmp_path, classes=2, per_class=2)
+    sorted((tmp_path / "n00000000").iterdir())[-1].write_bytes(b"not an image")        # sample 1
+    tf = standard_eval_transform(32, 32, Normalizer("channel", mean=[0.0] * 3, std=[1.0] * 3))
+    ds = ImageFolderDataset(tmp_path, transform=tf, skip_bad_files="drop")
+
+    def loader(batch, order):
+        return make_loader(ds, batch, train=False, num_workers=0, sampler=order, pin_memory=False)
+
+    class Zeros(nn.Module):     # always class 0
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 2)
+    with pytest.warns(BadImageWarning, match="leaving out"):
+        assert [y.tolist() for _, y in loader(4, [0, 1, 2, 3])] == [[0, 1, 1]]
+    assert [y.numel() for _, y in loader(4, [1])] == [0]
+    rt = pick_runtime("cpu")
+    assert evaluate_model(Zeros(), loader(1, [0, 1, 2, 3]), rt) == pytest.approx(
+        {"error": 200 / 3, "top5_error": 0.0, "loss": math.log(2), "n": 3})

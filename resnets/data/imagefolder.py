@@ -158,7 +158,9 @@ class ImageFolderDataset(Dataset):
     An unreadable or corrupt file raises :class:`BadImageError` naming the file. With ``skip_bad_files=True`` it is
     skipped instead: a :class:`BadImageWarning` naming the file is issued once (per process; each DataLoader worker
     is a process) and the next readable sample (index ``i+1``, ``i+2``, ... wrapping around) is returned with *its*
-    label, so a given index always maps to the same sample. Raises FileNotFoundError if ``root`` is missing, has no
+    label, so a given index always maps to the same sample. With ``skip_bad_files="drop"`` (evaluation: no image
+    may count twice) such a sample is ``None``, which :class:`ImageCollate` leaves out of its batch. Raises
+    FileNotFoundError if ``root`` is missing, has no
     class folders, has no images, or (unless ``allow_empty_classes``) a class folder has no images.
     """
 
@@ -167,7 +169,9 @@ class ImageFolderDataset(Dataset):
                  allow_empty_classes: bool = False):
         self.root = str(root)
         self.transform = transform
-        self.skip_bad_files = bool(skip_bad_files)
+        if skip_bad_files not in (True, False, "drop"):
+            raise ValueError(f"skip_bad_files must be True, False or 'drop', got {skip_bad_files!r}")
+        self.skip_bad_files = skip_bad_files
         self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         if not self.extensions:
             raise ValueError("extensions must not be empty")
@@ -229,9 +233,12 @@ class ImageFolderDataset(Dataset):
             index += n
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
+        drop = self.skip_bad_files == "drop"
         for step in range(n):
             i = (index + step) % n
             if i in self._bad:
+                if drop:
+                    return None
                 continue
             try:
                 img = self.load(i)
@@ -239,8 +246,11 @@ class ImageFolderDataset(Dataset):
                 if not self.skip_bad_files:
                     raise
                 self._bad.add(i)
-                warnings.warn(f"skipping unreadable image (using the next sample instead): {e}", BadImageWarning,
+                warnings.warn(f"leaving out unreadable image: {e}" if drop else
+                              f"skipping unreadable image (using the next sample instead): {e}", BadImageWarning,
                               stacklevel=2)
+                if drop:
+                    return None
                 continue
             if self.transform is not None:
                 img = self.transform(img)
@@ -569,7 +579,10 @@ class ImageCollate:
     def __init__(self, dtype: torch.dtype | None = torch.float32):
         self.dtype = dtype
 
-    def __call__(self, batch: Sequence[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: Sequence[tuple[Any, int] | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = [b for b in batch if b is not None]     # unreadable files left out (skip_bad_files="drop")
+        if not batch:
+            return torch.empty(0, dtype=self.dtype or torch.uint8), torch.empty(0, dtype=torch.int64)
         images = [b[0] for b in batch]
         labels = torch.as_tensor([int(b[1]) for b in batch], dtype=torch.int64)
         shapes = {tuple(t.shape) for t in images}

@@ -45,6 +45,8 @@ def evaluate_model(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.
     class_wrong = torch.zeros(k, device=rt.device, dtype=torch.int64)
     class_n = torch.zeros_like(class_wrong)
     for x, y in loader:
+        if y.numel() == 0:      # every image of the batch was unreadable (ImageFolder evaluation leaves them out)
+            continue
         with rt.autocast():
             logits = model(x)
         logits = logits.float()
@@ -105,6 +107,7 @@ def is_imagefolder_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def _list_collate(batch):
+    batch = [b for b in batch if b is not None]
     return [b[0] for b in batch], torch.as_tensor([int(b[1]) for b in batch], dtype=torch.int64)
 
 
@@ -140,7 +143,7 @@ def evaluate_imagefolder_checkpoint(path: str | os.PathLike, data: str | os.Path
     rt = pick_runtime(device, precision)
     model = model.to(rt.device, memory_format=rt.memory_format).eval()
     transform = standard_eval_transform(resize, crop, normalize) if protocol == "center" else None
-    ds = ImageFolderDataset(val_dir, transform=transform, skip_bad_files=True, allow_empty_classes=True)
+    ds = ImageFolderDataset(val_dir, transform=transform, skip_bad_files="drop", allow_empty_classes=True)
     if c.classes and list(ds.classes) != list(c.classes):
         raise ck.CheckpointError(f"{c.path}: trained on {len(c.classes)} classes {c.classes[:3]}..., "
                                  f"{val_dir} has {len(ds.classes)}: {ds.classes[:3]}...")
@@ -154,6 +157,8 @@ def evaluate_imagefolder_checkpoint(path: str | os.PathLike, data: str | os.Path
                                              collate_fn=_list_collate)
         n, wrong1, wrong5, nll = 0, 0, 0, 0.0
         for images, y in loader:
+            if not images:
+                continue
             with rt.autocast():
                 if protocol == "ten-crop":
                     scores = ten_crop_predict(model, images, crop, resize, normalize=normalize)

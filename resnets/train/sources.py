@@ -150,6 +150,8 @@ class _OnDevice:
 
     def __iter__(self):
         for x, y in self.loader:
+            if y.numel() == 0:      # every file of the batch unreadable: nothing to move or evaluate
+                continue
             yield (x.to(self.rt.device, non_blocking=True).contiguous(memory_format=self.rt.memory_format),
                    y.to(self.rt.device, non_blocking=True))
 
@@ -215,7 +217,7 @@ class ImageFolderSource:
         if val_dir is not None:
             val_ds = ImageFolderDataset(val_dir, transform=standard_eval_transform(cfg.eval_resize, cfg.crop,
                                                                                    self.normalizer),
-                                        skip_bad_files=True, allow_empty_classes=True)
+                                        skip_bad_files="drop", allow_empty_classes=True)
             if list(val_ds.classes) != self.classes:
                 raise ValueError(f"{val_dir} has {len(val_ds.classes)} class folders, {train_dir} has "
                                  f"{len(self.classes)}; they must be the same (sorted) names")
