@@ -501,3 +501,16 @@ def test_evaluation_leaves_unreadable_files_out_instead_of_counting_a_neighbour_
     rt = pick_runtime("cpu")
     assert evaluate_model(Zeros(), loader(1, [0, 1, 2, 3]), rt) == pytest.approx(
         {"error": 200 / 3, "top5_error": 0.0, "loss": math.log(2), "n": 3})
+
+
+def test_multi_scale_refuses_a_per_pixel_mean_with_a_reason(tmp_path):
+    from resnets.models import create_model
+    from resnets.train.checkpoint import save_checkpoint
+    from resnets.train.evaluate import evaluate_imagefolder_checkpoint
+    write_random_imagefolder(tmp_path / "data" / "val", classes=2, per_class=1)
+    ckpt = save_checkpoint(tmp_path / "ck", create_model("resnet20", depth=8, num_classes=2),
+                           meta={"model": "resnet20", "model_kwargs": {"depth": 8, "num_classes": 2},
+                                 "dataset": "imagefolder", "config": {"crop": 32, "eval_resize": 32}},
+                           preprocess={"mode": "pixel-mean", "mean": torch.zeros(3, 32, 32)})
+    with pytest.raises(ValueError, match="per-pixel mean image of 32x32"):
+        evaluate_imagefolder_checkpoint(ckpt, tmp_path / "data", protocol="multi-scale", device="cpu", workers=0)

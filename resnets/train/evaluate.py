@@ -139,6 +139,10 @@ def evaluate_imagefolder_checkpoint(path: str | os.PathLike, data: str | os.Path
     conf = c.meta.get("config", {})
     crop, resize = int(conf.get("crop", 224)), int(conf.get("eval_resize", 256))
     normalize = normalizer_from_checkpoint(c)
+    if protocol == "multi-scale" and normalize.image_size is not None:
+        h, w = normalize.image_size
+        raise ValueError(f"{c.path} subtracts a per-pixel mean image of {h}x{w}, which fits that size only; "
+                         "multi-scale testing feeds whole images at several sizes. Use the centre crop or --ten-crop")
     model = ck.model_from_checkpoint(c)
     rt = pick_runtime(device, precision)
     model = model.to(rt.device, memory_format=rt.memory_format).eval()
