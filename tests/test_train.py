@@ -248,7 +248,20 @@ def test_graph_falls_back_on_cpu(tiny_cifar, tmp_path):
     gpu = SimpleNamespace(is_cuda=True)         # the reasons a GPU run still trains eagerly, each one named
     assert graph_applies(cfg, gpu) == (True, "")
     assert graph_applies(cfg, gpu, distributed=True) == (False, "the captured step has no DDP gradient all-reduce")
-    assert graph_applies(dataclasses.replace(cfg, label_smoothing=0.1), gpu) == (True, "")   # cifar-fast
+    assert graph_applies(dataclasses.replace(cfg, label_smoothing=0.1), gpu) == (True, "")
+    # the lr is a constant of a captured step: a schedule that moves it every step would capture every step
+    fast = recipe("cifar-fast", data=str(tiny_cifar), out=str(tmp_path / "f"))
+    assert graph_applies(fast, gpu) == (False, "the one-cycle schedule changes the lr every step, and a captured "
+                                               "step holds it fixed")
+    assert graph_applies(fast, gpu, lr_in_graph=True) == (True, "")     # the stacked runs' SGD reads a tensor
+    # and a new lr of any parameter group (a fine-tune's head and backbone) is a new graph
+    from resnets.train.graphs import StaticStep
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    opt = torch.optim.SGD([{"params": net[0].parameters(), "lr": 0.0}, {"params": net[1].parameters(), "lr": 0.1}])
+    static = StaticStep(net, opt, None, (4, 2), torch.device("cpu"), torch.contiguous_format, capture=False)
+    before = static.lr()
+    opt.param_groups[1]["lr"] = 0.05
+    assert before == (0.0, 0.1) and static.lr() != before
 
 
 @pytest.mark.realdata

@@ -3,7 +3,8 @@
 The CIFAR nets at the paper's batch of 128 are bound by kernel launches on a modern GPU (eager ResNet-56 takes the
 same ~30 ms per step at batch 128 and 512 on an H100; ../shared/gpu/README.md), so replaying the whole step as one
 graph removes most of the step time. The batch is copied into static input buffers; the learning rate is a Python
-float inside torch's SGD, so a new graph is captured when the schedule changes it (a few times per run).
+float inside torch's SGD, so a new graph is captured when the schedule changes it (a few times per run with the
+paper's step schedule; the cosine and one-cycle schedules, which change it every step, train eagerly).
 
 Where a captured step does not apply (CPU, ``on_nan="skip"``, which needs a host-side decision inside the step),
 or capture fails, training runs the eager step; ``StaticStep(capture=False)`` is the same logic without a graph,
@@ -61,8 +62,9 @@ class StaticStep:
         return batch_shape, batch_shape[:1]
 
     def lr(self):
-        """What a captured graph depends on of the schedule: the lr, a Python float inside torch's SGD."""
-        return self.optimizer.param_groups[0]["lr"]
+        """What a captured graph depends on of the schedule: the lr of every parameter group (fine-tuning gives
+        the pretrained layers a share of the head's), Python floats inside torch's SGD."""
+        return tuple(g["lr"] for g in self.optimizer.param_groups)
 
     def _body(self) -> None:
         self.loss, self.wrong, _ = sgd_step(self.forward, self.optimizer, self.autocast, self.x, self.y,
@@ -106,8 +108,9 @@ class StaticStep:
         return StepOut(self.loss.clone(), self.wrong.clone())
 
 
-def graph_applies(cfg, rt, distributed: bool = False) -> tuple[bool, str]:
-    """Whether the whole-step graph applies to this run, and why not."""
+def graph_applies(cfg, rt, distributed: bool = False, lr_in_graph: bool = False) -> tuple[bool, str]:
+    """Whether the whole-step graph applies to this run, and why not. ``lr_in_graph``: the step reads the lr from
+    a tensor (the stacked runs' SGD), so any schedule replays one graph."""
     if cfg.cuda_graph is False:
         return False, "disabled by --no-cuda-graph"
     if not rt.is_cuda:
@@ -116,14 +119,18 @@ def graph_applies(cfg, rt, distributed: bool = False) -> tuple[bool, str]:
         return False, "on_nan='skip' decides on the host inside each step"
     if distributed:
         return False, "the captured step has no DDP gradient all-reduce"
+    if getattr(cfg, "lr_schedule", "step") != "step" and not lr_in_graph:
+        # the lr is a constant of a captured step: a schedule that changes it every step would capture every step
+        return False, f"the {cfg.lr_schedule} schedule changes the lr every step, and a captured step holds it fixed"
     return True, ""
 
 
 def maybe_graph_step(cfg, model: nn.Module, optimizer, rt, loader, eager_step: StepFn,
-                     distributed: bool = False, static_cls: Callable[..., StaticStep] | None = None) -> StepFn:
-    """The captured step where it applies (``static_cls``, default :class:`StaticStep`), else ``eager_step``;
-    a capture that fails falls back to ``eager_step`` with a warning."""
-    ok, why = graph_applies(cfg, rt, distributed)
+                     distributed: bool = False, static_cls: Callable[..., StaticStep] | None = None,
+                     lr_in_graph: bool = False) -> StepFn:
+    """The captured step where it applies (``static_cls``, default :class:`StaticStep`; see :func:`graph_applies`),
+    else ``eager_step``; a capture that fails falls back to ``eager_step`` with a warning."""
+    ok, why = graph_applies(cfg, rt, distributed, lr_in_graph)
     if not ok:
         if cfg.cuda_graph is True:
             warnings.warn(f"CUDA graph requested but not used: {why}; training eagerly")

@@ -169,7 +169,8 @@ class _Stack:
         x, _ = runs[0].source.batch(runs[0].start)
         eager = make(self.model, self.optimizer, rt.autocast, tuple(x.shape), rt.device, rt.memory_format,
                      capture=False, compile=cfg.compile, label_smoothing=cfg.label_smoothing)
-        self.step_fn = maybe_graph_step(cfg, self.model, self.optimizer, rt, runs[0].source, eager, static_cls=make)
+        self.step_fn = maybe_graph_step(cfg, self.model, self.optimizer, rt, runs[0].source, eager, static_cls=make,
+                                        lr_in_graph=True)
 
     def step(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], lrs: Sequence[float]) -> list[StepOut]:
         self.optimizer.set_lr(lrs)
