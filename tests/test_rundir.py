@@ -221,6 +221,13 @@ def test_time_based_checkpoints(tiny_cifar, tmp_path, monkeypatch):
     steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run/checkpoints").glob("step-*"))
     # checkpoint_every=0 writes no step checkpoint of its own, so each of these is time-based
     assert len(steps) >= 2 and steps[-1] < 40, steps
+    # a new best at every evaluation (checkpoints/best, which --resume does not start from) does not put them off
+    errors = iter(range(100, 0, -1))
+    monkeypatch.setattr(loop, "evaluate_model", lambda *a, **k: {"error": float(next(errors)), "n": 1})
+    train(tiny(tiny_cifar, tmp_path / "best", steps=40, checkpoint_every=10**6, checkpoint_minutes=0.25,
+               keep_last=100, eval_every=1))
+    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "best/checkpoints").glob("step-*"))
+    assert len(steps) >= 2 and steps[0] < 40 and (tmp_path / "best/checkpoints/best").is_dir(), steps
 
 
 # -- data and flags ----------------------------------------------------------------------------------------------

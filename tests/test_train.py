@@ -311,3 +311,16 @@ def test_no_hflip_reaches_the_cifar_loader(tiny_cifar, tmp_path):
     for hflip in (True, False):
         src = make_source(tiny_cfg(tiny_cifar, tmp_path, hflip=hflip), rt, ddp.DistContext())
         assert src.loader.flip is hflip
+
+
+def test_resume_keeps_the_resumed_steps_tensorboard_points_and_may_drop_the_warm_up(tiny_cifar, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = dict(steps=2, eval_every=2, checkpoint_every=2, log_every=1, tensorboard=True)
+    # stopped inside ResNet-110's warm-up (Sec. 4.2), resumed with it turned off: trains at the recipe's lr
+    train(tiny_cfg(tiny_cifar, tmp_path, **run, warmup_lr=0.01, warmup_until_error=0.001, warmup_max_steps=100))
+    assert load_checkpoint(tmp_path / "checkpoints/step-00000002").state["warming_up"]
+    train(tiny_cfg(tiny_cifar, tmp_path, **{**run, "steps": 4}, warmup_lr=None, resume="auto"))
+    assert [r["lr"] for r in read_log(tmp_path / "log.jsonl") if r["split"] == "train"] == [0.01, 0.01, 0.1, 0.1]
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("test/error")] == [2, 4]       # step 2's point survives the resume

@@ -30,7 +30,9 @@ class RunLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ValueError("--tensorboard needs the tensorboard package: pip install 'resnets[tensorboard]'") from e
-            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step)
+            # events of steps after the resumed one go (as in the log); the resumed step's own stay
+            self.tb = SummaryWriter(str(out / "tensorboard"),
+                                    purge_step=None if resume_step is None else resume_step + 1)
 
     def _truncate_after(self, step: int) -> None:
         """Records after the resumed step were written by the crashed run; the resumed run writes them again."""

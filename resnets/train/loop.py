@@ -164,8 +164,10 @@ class Run:
             self.on_log(record)
 
     def save(self, step: int, metrics: dict[str, Any] | None, path: Path | None = None) -> Path | None:
-        """A checkpoint (rank 0 writes; every rank must call this at the same step)."""
-        self.t_ckpt = time.perf_counter()
+        """A checkpoint (rank 0 writes; every rank must call this at the same step). Only a step checkpoint, one
+        that --resume can start from, restarts the clock of --checkpoint-minutes."""
+        if path is None:
+            self.t_ckpt = time.perf_counter()
         partial = self.window.state(self.ctx)
         if not self.ctx.is_main:
             return None
@@ -213,7 +215,9 @@ def setup(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
         model.load_state_dict(resume.weights)
         st = resume.state
         optimizer.load_state_dict(st["optimizer"])
-        run.start, run.warming, run.best, run.last_good = st["step"], st["warming_up"], st.get("best"), resume.path
+        # (a resume with the warm-up turned off, --no-warmup, leaves it)
+        run.start, run.best, run.last_good = st["step"], st.get("best"), resume.path
+        run.warming = st["warming_up"] and warmup_lr is not None
         run.recent_wrong.extend(st.get("recent_wrong", []))
         ck.set_rng_state(st["rng"], rt.device)
         run.window.restore(st.get("log_partial"), ctx)
