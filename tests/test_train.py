@@ -324,3 +324,15 @@ def test_resume_keeps_the_resumed_steps_tensorboard_points_and_may_drop_the_warm
     assert [r["lr"] for r in read_log(tmp_path / "log.jsonl") if r["split"] == "train"] == [0.01, 0.01, 0.1, 0.1]
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert [e.step for e in events.Scalars("test/error")] == [2, 4]       # step 2's point survives the resume
+
+
+def test_resuming_a_finished_run_keeps_its_results(tiny_cifar, tmp_path):
+    cfg = tiny_cfg(tiny_cifar, tmp_path, steps=2, eval_every=2, checkpoint_every=2, log_every=1)
+    first = train(cfg)
+    saved = (tmp_path / "summary.json").read_text()
+    again = train(dataclasses.replace(cfg, resume="auto"))             # nothing left to train
+    assert (tmp_path / "summary.json").read_text() == saved and again.final == first.final
+    (tmp_path / "summary.json").unlink()                                # killed before the summary was written
+    third = train(dataclasses.replace(cfg, resume="auto"))
+    assert third.final["error"] == first.final["error"] and third.final["step"] == 2
+    assert json.loads((tmp_path / "summary.json").read_text())["final"]["error"] == first.final["error"]

@@ -221,6 +221,8 @@ def setup(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
         run.recent_wrong.extend(st.get("recent_wrong", []))
         ck.set_rng_state(st["rng"], rt.device)
         run.window.restore(st.get("log_partial"), ctx)
+        if run.start >= cfg.steps and resume.meta.get("metrics"):   # finished: its last evaluation is the final one
+            run.final = {"step": run.start, "split": source.eval_name, **resume.meta["metrics"]}
         # elapsed_s in the log and summary.json counts every launch up to here (older checkpoints lack it)
         run.t_start = time.perf_counter() - st.get("elapsed_s", 0.0)
     if ctx.is_main:
@@ -382,6 +384,18 @@ def _evaluate(run: Run, done: int) -> dict[str, float]:
 
 
 def finish(run: Run) -> TrainResult:
+    summary = run.out / "summary.json"
+    if run.start >= run.cfg.steps and summary.is_file():
+        # a finished run resumed (reproduce does so when a setting that does not define the run changed): nothing
+        # was trained or evaluated in this launch, so its summary stays as the run left it
+        try:
+            s = json.loads(summary.read_text())
+            result = TrainResult(run.out, run.cfg.steps, s["final"], s.get("best"), s.get("train_error"),
+                                 s.get("train_loss"), s.get("seconds", 0.0))
+            run.ctx.barrier()
+            return result
+        except (ValueError, KeyError):
+            pass     # unreadable: written again below
     result = TrainResult(run.out, run.cfg.steps, {k: v for k, v in run.final.items() if k != "split"}, run.best,
                          run.last_train.get("error"), run.last_train.get("loss"), time.perf_counter() - run.t_start)
     if run.ctx.is_main:
