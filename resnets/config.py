@@ -123,8 +123,9 @@ class TrainConfig:
                          choices=("stop", "skip"))
     # runtime: one place picks these (resnets.train.runtime)
     device: str = _field("auto", "auto (default), cpu, cuda, cuda:N", _RUNTIME)
-    precision: str = _field("auto", "auto: bf16 autocast on a GPU, fp32 on the CPU", _RUNTIME,
-                            choices=("auto", "fp32", "bf16", "fp16"))
+    precision: str = _field("auto", "auto: bf16 autocast on a GPU, fp32 on the CPU (no fp16: its small gradients "
+                            "need loss scaling, which resnets does not do)", _RUNTIME,
+                            choices=("auto", "fp32", "bf16"))
     channels_last: bool = _field(True, "channels_last memory format (on by default: measured faster for GPU and "
                                  "CPU convolutions)", _RUNTIME)
     compile: bool = _field(False, "torch.compile the model (cifar-fast does)", _RUNTIME)

@@ -204,3 +204,12 @@ def test_config_file_flags_add_to_its_model_arguments_and_steps_replace_its_epoc
     assert cfg.model_kwargs == {"zero_init_residual": True, "shortcut": "C"}
     assert (cfg.steps, cfg.epochs) == (40, None)
     assert parse("--config", str(f), "--steps", "40", "--epochs", "3").epochs == 3
+
+
+def test_fp16_training_is_refused_with_the_reason(capsys):
+    """fp16 autocast without loss scaling lets small gradients underflow; bf16 has fp32's range."""
+    with pytest.raises(SystemExit):
+        parse("--precision", "fp16")
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+    assert "loss scaling" in dataclasses.fields(TrainConfig)[[f.name for f in dataclasses.fields(TrainConfig)]
+                                                             .index("precision")].metadata["help"]
