@@ -132,6 +132,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cifar, tmp_path, mon
     assert ckpts == ["best", "step-00000010"]
     w = weights(tmp_path / "run/checkpoints/step-00000010")
     assert all(torch.isfinite(v.float()).all() for v in w.values())
+    # a checkpoint due between two log lines is not written from a model that has gone NaN
+    with pytest.raises(NonFiniteLossError, match=r"became nan between steps 10 and 14.*step-00000012"):
+        train(tiny_cfg(tiny_cifar, tmp_path / "often", steps=20, log_every=10, checkpoint_every=2, keep_last=0))
+    ckpts = sorted(p.name for p in (tmp_path / "often/checkpoints").glob("step-*"))
+    assert ckpts[-1] == "step-00000012"
+    assert all(torch.isfinite(v.float()).all() for c in ckpts for v in weights(tmp_path / "often/checkpoints" / c).values())
 
 
 def test_nan_loss_skip_mode(tiny_cifar, tmp_path, monkeypatch):

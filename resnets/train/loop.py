@@ -309,6 +309,8 @@ def after_step(run: Run, done: int, lr: float, y: torch.Tensor, out, stop: Grace
         stop_now = stopping
     regular = cfg.checkpoint_every > 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
     if regular or late or stop_now:
+        if cfg.on_nan == "stop" and run.window.seen:   # not finite since the last log line: no checkpoint of it
+            _stop_if_not_finite(run, done, run.window.totals(run.ctx, y.numel())[0], y.numel())
         run.last_good = run.save(done, metrics) or run.last_good
         if ctx.is_main:
             ck.prune_checkpoints(run.out / "checkpoints", cfg.keep_last)
@@ -352,11 +354,7 @@ def _warmup_test(run: Run, done: int, wrong: torch.Tensor, batch: int) -> None:
 def _log_train(run: Run, done: int, lr: float, batch: int, bar) -> None:
     w = run.window
     loss_mean, wrong_all, seen_all = w.totals(run.ctx, batch)
-    if not math.isfinite(loss_mean):    # on_nan="stop"
-        raise NonFiniteLossError(
-            f"the training loss became {loss_mean} between steps {done - w.seen // batch} and {done}; stopped. "
-            f"The last good checkpoint is {run.last_good or 'none (none was written yet)'}. "
-            "Lower --lr, or pass --on-nan skip to skip such steps.")
+    _stop_if_not_finite(run, done, loss_mean, batch)
     if run.rt.is_cuda:   # this run's stream only: runs side by side have streams of their own
         torch.cuda.current_stream(run.rt.device).synchronize()
     dt = time.perf_counter() - w.t
@@ -366,6 +364,15 @@ def _log_train(run: Run, done: int, lr: float, batch: int, bar) -> None:
     if bar is not None:
         bar.set_postfix(loss=f"{loss_mean:.3f}", err=f"{run.last_train['error']:.1f}%", img_s=f"{seen_all / dt:.0f}")
     w.reset()
+
+
+def _stop_if_not_finite(run: Run, done: int, loss_mean: float, batch: int) -> None:
+    """on_nan="stop": raise NonFiniteLossError when the mean loss since the last log line is not finite."""
+    if not math.isfinite(loss_mean):
+        raise NonFiniteLossError(
+            f"the training loss became {loss_mean} between steps {done - run.window.seen // batch} and {done}; "
+            f"stopped. The last good checkpoint is {run.last_good or 'none (none was written yet)'}. "
+            "Lower --lr, or pass --on-nan skip to skip such steps.")
 
 
 def _evaluate(run: Run, done: int) -> dict[str, float]:
