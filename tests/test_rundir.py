@@ -250,7 +250,8 @@ BAD = [("--steps", "0"), ("--steps", "-5"), ("--steps", "ten"), ("--steps", "100
        ("--log-every", "0"), ("--checkpoint-every", "-1"), ("--keep-last", "-1"), ("--checkpoint-minutes", "-1"),
        ("--threads", "0"), ("--threads", "100000"), ("--workers", "-1"), ("--label-smoothing", "1"),
        ("--label-smoothing", "-0.1"), ("--lr-warmup", "1.5"), ("--milestones", "a,b"), ("--milestones", "-5"),
-       ("--depth", "7"), ("--depth", "-1"), ("--crop", "0"), ("--resize-min", "0"), ("--lighting", "-1")]
+       ("--depth", "7"), ("--depth", "-1"), ("--crop", "0"), ("--resize-min", "0"), ("--lighting", "-1"),
+       ("--device", "gpu")]
 
 
 @pytest.mark.parametrize("flag,value", BAD)
