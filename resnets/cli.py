@@ -52,6 +52,16 @@ def _csv_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--shortcut", choices=["A", "B", "C"], help="shortcut option (Sec. 3.3)")
@@ -293,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demo: 20/56-layer nets, 250 steps (CPU, ~12 min); paper: Sec. 4.2's 64k-step recipe (GPU)")
     r.add_argument("--depths", type=_csv_ints, help="comma-separated 6n+2 depths, e.g. 20,32,44,56")
     r.add_argument("--nets", type=lambda t: [x for x in t.split(",") if x], help="plain,resnet (default both)")
-    r.add_argument("--seeds", type=int, help="runs per net (mean and std are reported)")
+    r.add_argument("--seeds", type=_positive_int, help="runs per net (mean and std are reported)")
     r.add_argument("--steps", type=int, help="iterations per run instead of the preset's")
     r.add_argument("--data", help="directory with CIFAR-10 (else RESNETS_DATA, the cache, or a download)")
     r.add_argument("--out", help="output directory (default runs/reproduce-cifar10-PRESET)")

@@ -217,3 +217,11 @@ def test_plot_only_draws_the_curves_logged_so_far(tiny_experiment, tmp_path, cap
     assert (out / "fig6-progress.png").stat().st_size > 0 and "fig6-progress.png" in capsys.readouterr().out
     assert main(["reproduce", "cifar10", "--plot-only", "--out", str(tmp_path / "none")]) == 2
     assert "no CIFAR runs with a log" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seeds", ["0", "-1", "two"])
+def test_seeds_must_be_a_positive_count(seeds, capsys):
+    from resnets.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "cifar10", "--preset", "demo", "--seeds", seeds])
+    assert e.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
