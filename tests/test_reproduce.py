@@ -225,3 +225,10 @@ def test_seeds_must_be_a_positive_count(seeds, capsys):
     with pytest.raises(SystemExit) as e:
         main(["reproduce", "cifar10", "--preset", "demo", "--seeds", seeds])
     assert e.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
+
+
+def test_table6_cell_of_resnet110_names_best_and_mean():
+    """Table 6 gives ResNet-110 as "6.43 (6.61±0.16)": best of 5 runs, then their mean; a mean over seeds is
+    compared with the second."""
+    from resnets.experiments.reproduce import _paper_cell
+    assert _paper_cell(110) == "6.43 (best of 5; mean 6.61 ± 0.16)" and _paper_cell(56) == "6.97"
