@@ -12,6 +12,16 @@ SHARED = REPO.parent / "shared"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+def pytest_configure(config):
+    # Under pytest-xdist (./run test on several cores) the workers share the cores: torch's default of a thread
+    # per core in every worker would oversubscribe them.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def twin_nets(depth: int = 8):
     """Two equal ResNet-20-family nets (channels_last), to run one step implementation against another."""
     import torch
