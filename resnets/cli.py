@@ -23,6 +23,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     import torch
 
     from .models import create_model, get_spec, list_models, model_info
+    from .models.pretrained import PRETRAINED
+    from .models.registry import TORCHVISION_WEIGHTS
+
+    def weights(name: str) -> str:
+        """What ``weights=`` can load: our shipped runs with their measured test error, or torchvision's."""
+        ours = sorted((p.test_error, p.tag) for (m, _), p in PRETRAINED.items() if m == name)
+        shown = [f"{e:.2f} ({t})" for e, t in ours]
+        if name in TORCHVISION_WEIGHTS:
+            shown.append("torchvision")
+        return ", ".join(shown) or "-"
 
     rows = []
     for name in list_models(args.family):
@@ -35,8 +45,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         err = f"{spec.paper_error[0]:.2f} ({spec.paper_error[1]})" if spec.paper_error else "-"
         rows.append((name, str(getattr(m, "depth", spec.defaults.get("depth", ""))), block,
                      m.shortcut if m.residual else "none (plain)", variant, f"{info['params'] / 1e6:.2f}M",
-                     f"{info['macs'] / 1e9:.3f}G @{info['input_size'][-1]}px", err))
-    header = ("name", "depth", "block", "shortcut", "stride", "params", "mult-adds", "paper error % (source)")
+                     f"{info['macs'] / 1e9:.3f}G @{info['input_size'][-1]}px", err, weights(name)))
+    header = ("name", "depth", "block", "shortcut", "stride", "params", "mult-adds", "paper error % (source)",
+              "weights: our error % (tag)")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -269,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"resnets {__import__('resnets').__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("models", help="list the networks with params, multiply-adds and the paper's errors")
+    m = sub.add_parser("models", help="list the networks with params, multiply-adds, the paper's errors and the "
+                                     "weights that load with weights=")
     m.add_argument("--family", choices=["imagenet", "cifar", "cifar-resnext"], help="only this family")
     m.set_defaults(func=cmd_models)
 

@@ -54,6 +54,19 @@ def test_cifar10_names_the_best_measured_weights():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_models_listing_names_the_weights_that_load(capsys):
+    """`resnets models` says which nets have weights: each shipped run with its measured error, torchvision's."""
+    from resnets import cli
+
+    assert cli.main(["models"]) == 0
+    table = capsys.readouterr().out.splitlines()[2:]
+    rows = {r.split("|")[1].strip(): r.rstrip(" |").split("|")[-1].strip() for r in table}
+    for (model, tag), p in pretrained.PRETRAINED.items():
+        assert f"{p.test_error:.2f} ({tag})" in rows[model]
+    assert rows["resnet20"] == "8.04 (cifar10-fast), 8.71 (cifar10-paper)"       # best first
+    assert rows["resnet50"] == "torchvision" and rows["plain50"] == "-" and rows["resnet1202"] == "-"
+
+
 def test_unknown_tag_and_mismatched_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="no shipped 'cifar10' weights for resnet110.*resnet20:cifar10"):
         resnets.create_model("resnet110", weights="cifar10")
