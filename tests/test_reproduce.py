@@ -87,6 +87,30 @@ def test_cli_analyze_responses(tiny_cifar, tiny_experiment, tmp_path, capsys):
     assert len(data) == 2 and all(len(d["std"]) == 6 and min(d["std"]) > 0 for d in data)
 
 
+def test_a_run_taken_further_is_not_reused_from_its_earlier_end(tiny_cifar, tmp_path):
+    """A run's config.json is rewritten when a longer --steps takes it further, its summary.json and test.json
+    only at its end: stopped on the way, the earlier end's numbers must not stand for the longer run. A shorter
+    --steps than a run has trained is refused, not answered with the longer run's numbers. A depth given twice
+    is one run."""
+    from resnets.config import TrainConfig
+    from resnets.experiments.reproduce import _finished
+
+    base = replace(TINY, depths=(8,), nets=("resnet",), seeds=1)
+    kw = dict(out=tmp_path / "exp", data=str(tiny_cifar), progress=False, responses=False, workers=1)
+    first = run_experiment(base, depths=[8, 8], overrides={"steps": 6, "val_split": 64}, **kw)
+    assert len(first["runs"]) == 1
+    run = tmp_path / "exp" / "runs" / "resnet8-seed0"
+    assert json.loads((run / "test.json").read_text())["step"] == 6
+    further = {**json.loads((run / "config.json").read_text()), "steps": 12}      # as a launch stopped at 9 leaves it
+    (run / "config.json").write_text(json.dumps(further))
+    assert _finished(run, TrainConfig.from_dict(further)) is None
+    second = run_experiment(base, overrides={"steps": 12, "val_split": 64}, **kw)
+    assert second["reused"] == 0 and json.loads((run / "summary.json").read_text())["steps"] == 12
+    assert json.loads((run / "test.json").read_text())["step"] == 12
+    with pytest.raises(RuntimeError, match="is at step 12, past this run's end"):
+        run_experiment(base, overrides={"steps": 6, "val_split": 64}, **kw)
+
+
 def test_side_by_side_with_val_split_matches_processes_and_meets_test_set_once(tiny_cifar, tmp_path):
     """The GPU path (all runs interleaved in one process) gives the numbers the CPU path (one process per run)
     gives; with --val-split the log holds validation errors and the table the final weights' test error."""

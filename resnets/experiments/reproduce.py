@@ -91,7 +91,10 @@ def _finished(out: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     ignore = {"resume", "progress", "threads", "data"}
     if {k: v for k, v in old.items() if k not in ignore} != {k: v for k, v in new.items() if k not in ignore}:
         return None
-    return json.loads(s.read_text())
+    summary = json.loads(s.read_text())
+    # config.json is rewritten when a run is taken further, summary.json only when it ends: a summary of an
+    # earlier, shorter end is not this run's result
+    return summary if summary.get("steps") == cfg.steps else None
 
 
 def _curves(run_dir: Path) -> dict[str, list]:
@@ -107,8 +110,9 @@ def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = 
                    responses: bool = True, workers: int | None = None,
                    side_by_side: bool | None = None, stack: bool | str = False) -> dict[str, Any]:
     p = PRESETS[preset] if isinstance(preset, str) else preset
-    depths = tuple(depths or p.depths)
-    nets = tuple(nets or p.nets)
+    # (a depth or net given twice would be two jobs on one run directory)
+    depths = tuple(dict.fromkeys(depths or p.depths))
+    nets = tuple(dict.fromkeys(nets or p.nets))
     seeds = seeds or p.seeds
     for d in depths:
         if (d - 2) % 6 or d < 8:
@@ -165,7 +169,7 @@ def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = 
     }
     results["interpretation"] = interpret(results)
     if responses:
-        results["fig7"] = _fig7(runs, out, cifar, p.response_subset)
+        results["fig7"] = _fig7(runs, out, cifar, p.response_subset, str(rt.device))
     results["wall_seconds"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(results_markdown(results))
@@ -314,7 +318,9 @@ def _test_metrics(cfg: TrainConfig, summary: dict[str, Any], data: str | None, r
         return summary["final"]
     cached = Path(cfg.out) / "test.json"
     if cached.exists():
-        return json.loads(cached.read_text())
+        res = json.loads(cached.read_text())
+        if res.get("step") == cfg.steps:      # else the weights of an earlier end, before the run went further
+            return res
     from ..train.checkpoint import list_checkpoints
     from ..train.evaluate import evaluate_checkpoint
     last = list_checkpoints(Path(cfg.out) / "checkpoints")[-1]
@@ -529,7 +535,7 @@ def _paper_cell(depth: int) -> str:
     return _fmt(TABLE6_ERROR.get(depth))
 
 
-def _fig7(runs, out: Path, cifar, subset) -> dict[str, Any] | None:
+def _fig7(runs, out: Path, cifar, subset, device: str = "auto") -> dict[str, Any] | None:
     from ..train.checkpoint import list_checkpoints
     from .responses import analyze_checkpoints, plot_responses
 
@@ -541,7 +547,7 @@ def _fig7(runs, out: Path, cifar, subset) -> dict[str, Any] | None:
             paths.append(str(ckpts[-1]))
     if not paths:
         return None
-    res = analyze_checkpoints(paths, data_obj=cifar, subset=subset)
+    res = analyze_checkpoints(paths, data_obj=cifar, subset=subset, device=device)
     plot_responses(res, out / "fig7.png")
     parts = []
     for depth in sorted({r["depth"] for r in seed0}):

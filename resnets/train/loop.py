@@ -394,15 +394,17 @@ def finish(run: Run) -> TrainResult:
     summary = run.out / "summary.json"
     if run.start >= run.cfg.steps and summary.is_file():
         # a finished run resumed (reproduce does so when a setting that does not define the run changed): nothing
-        # was trained or evaluated in this launch, so its summary stays as the run left it
+        # was trained or evaluated in this launch, so its summary stays as the run left it; one that is unreadable
+        # or tells of an earlier, shorter end is written anew below
         try:
             s = json.loads(summary.read_text())
+        except ValueError:
+            s = {}
+        if isinstance(s, dict) and s.get("steps") == run.cfg.steps and "final" in s:
             result = TrainResult(run.out, run.cfg.steps, s["final"], s.get("best"), s.get("train_error"),
                                  s.get("train_loss"), s.get("seconds", 0.0))
             run.ctx.barrier()
             return result
-        except (ValueError, KeyError):
-            pass     # unreadable: written again below
     result = TrainResult(run.out, run.cfg.steps, {k: v for k, v in run.final.items() if k != "split"}, run.best,
                          run.last_train.get("error"), run.last_train.get("loss"), time.perf_counter() - run.t_start)
     if run.ctx.is_main:

@@ -226,6 +226,10 @@ def load_resume(cfg, ctx) -> ck.Checkpoint | None:
         raise ck.CheckpointError(f"{resume.path}: is a checkpoint of {resume.model_name}, "
                                  f"but this run trains {cfg.model}")
     check_resume_config(resume.meta.get("config"), cfg.to_dict(), str(resume.path))
+    step = resume.state["step"]
+    if step > cfg.steps:    # training cannot go back: the run would keep its later weights under the shorter end
+        raise ck.CheckpointError(f"{resume.path}: is at step {step}, past this run's end (--steps {cfg.steps}); "
+                                 f"give --steps {step} or more to go on from it, or train anew in another --out")
     return resume
 
 
