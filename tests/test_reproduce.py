@@ -63,7 +63,25 @@ def test_interpretation_follows_the_numbers():
     absent = interpret({**base, "table": table(70.0, 65.0, 60.0, 64.0)})
     assert "does NOT show" in absent[0] and "only slightly" in absent[1]
     close = interpret({**base, "table": table(63.8, 79.5, 60.6, 59.2)})
-    assert "too close to call" in close[2]
+    assert "too close to call" in close[2] and "one run" in close[2]
+    assert "a mean of 5 runs" in interpret({**base, "seeds": 5, "table": table(63.8, 79.5, 60.6, 59.2)})[2]
+    # as long as the paper: training errors near 0 (here 0.2% vs 0.1%), so the ResNets are ordered by test error
+    paper = {**base, "config": {"steps": 64000}}
+    full = interpret({**paper, "table": [{**r, "test_error": t} for r, t in
+                                         zip(table(0.5, 1.0, 0.1, 0.2), (8.6, 9.9, 8.1, 7.0))]})
+    assert "The deeper ResNet is better: ResNet-56 7.00% vs ResNet-20 8.10%" in full[2]
+    assert "`paper` preset" not in " ".join(full)
+    worse = interpret({**paper, "table": table(0.5, 1.0, 0.1, 0.2)})     # test errors 1.1 vs 1.2
+    assert "The deeper ResNet is NOT better here" in worse[2]
+
+
+def test_results_note_says_what_the_call_changed_of_the_preset():
+    from resnets.experiments.reproduce import DEMO, _note
+    assert _note(DEMO, {"device": "cpu"}) == DEMO.note
+    longer = _note(DEMO, {"steps": 1000})
+    assert longer.startswith(DEMO.note) and longer.endswith("Changed from the preset here: steps 250 -> 1000.")
+    split = _note(DEMO, {"val_split": 5000})
+    assert "first 2000 test images" not in split and "full 10k test set once" in split
 
 
 def test_response_layers_are_the_3x3_bns():
@@ -215,18 +233,24 @@ def test_reproduce_workers_checkpoint_on_one_signal_to_the_group(tiny_cifar, tmp
         assert train == sorted(set(train)) and train[0] < stopped[f], train
 
 
-def test_reproduce_workers_a_failing_run_does_not_stop_the_other(tiny_cifar, tmp_path):
-    """In worker processes (the CPU path), a run that cannot start (its directory is held by another process)
-    fails alone: the other run trains to its end, and the error names the failed run."""
+@pytest.mark.parametrize("workers", [2, 1])
+def test_reproduce_workers_a_failing_run_does_not_stop_the_other(tiny_cifar, tmp_path, workers):
+    """In worker processes (the CPU path), or one run after another, a run that cannot start (its directory is
+    held by another process) fails alone: the other run trains to its end, the results of the runs that ended are
+    written with the failed run named, and the error names it too."""
     from resnets.train.side_by_side import SideBySideError
     from resnets.train.rundir import RunLock
     out = tmp_path / "exp"
-    held = out / "runs" / "resnet8-seed0"
+    held = out / "runs" / "plain8-seed0"          # the first run: one after another, the next still trains
     with RunLock(held), pytest.raises(SideBySideError) as e:
         run_experiment(replace(TINY, depths=(8,), seeds=1), out=out, data=str(tiny_cifar), progress=False,
-                       workers=2, responses=False)
+                       workers=workers, responses=False)
     assert list(e.value.errors) == [str(held)] and "in use" in str(e.value)
-    assert (out / "runs" / "plain8-seed0" / "summary.json").exists()
+    assert (out / "runs" / "resnet8-seed0" / "summary.json").exists()
+    res = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in res["runs"]] == ["resnet8-seed0"] and list(res["failed"]) == ["plain8-seed0"]
+    md = (out / "results.md").read_text()
+    assert "1 run(s) failed" in md and "- plain8-seed0: RunDirError: " in md and "is in use by pid" in md
 
 
 def test_plot_only_draws_the_curves_logged_so_far(tiny_experiment, tmp_path, capsys):

@@ -32,7 +32,7 @@ from ..data import load_cifar
 from ..models.paper import TABLE6_ERROR, TABLE6_PARAMS_M, TABLE6_RESNET110_MEAN_STD
 from ..train import read_log
 from ..train import train as train_run
-from ..train.side_by_side import raise_run_errors
+from ..train.side_by_side import SideBySideError, StoppedBySignal, raise_run_errors
 from ..train.runtime import pick_runtime
 
 
@@ -139,9 +139,15 @@ def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = 
             todo.append(cfg)
         else:
             print(f"{net}-{depth} (seed {seed}): finished earlier, reused", flush=True)
-    _run_jobs(todo, cifar, rt, workers, rt.is_cuda if side_by_side is None else side_by_side, stack)
+    failed: SideBySideError | None = None
+    try:
+        _run_jobs(todo, cifar, rt, workers, rt.is_cuda if side_by_side is None else side_by_side, stack)
+    except SideBySideError as e:    # the other runs trained to their end: their results are written, then this
+        failed = e
     runs = []
     for net, depth, seed, cfg in jobs:
+        if failed is not None and cfg.out in failed.errors:
+            continue
         run_dir = Path(cfg.out)
         summary = json.loads((run_dir / "summary.json").read_text())
         test = _test_metrics(cfg, summary, data, rt)
@@ -152,6 +158,8 @@ def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = 
                      "best_test_error": (summary.get("best") or {}).get("error"),
                      "seconds": summary["seconds"], "runtime": summary.get("runtime"),
                      "params": _params(net, depth), "curves": _curves(run_dir)})
+    if not runs:
+        raise failed
     n_workers, threads = plan_workers(len(jobs), rt, workers)
     runtime = f"{rt.describe()}; {n_workers} run(s) at a time, side by side on CUDA streams" if rt.is_cuda else \
         f"CPU, {os.cpu_count()} cores; {n_workers} run(s) at a time with {threads} thread(s) each; fp32, channels_last"
@@ -166,6 +174,7 @@ def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = 
         "torch": torch.__version__, "data_source": cifar.source, "wall_seconds": None,
         "date": time.strftime("%Y-%m-%d"), "runs": runs, "table": summarize(runs),
         "reused": len(jobs) - len(todo),
+        "failed": {Path(out_).name: f"{type(e).__name__}: {e}" for out_, e in (failed.errors if failed else {}).items()},
     }
     results["interpretation"] = interpret(results)
     if responses:
@@ -174,6 +183,8 @@ def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = 
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(results_markdown(results))
     plot_fig6(results, out / "fig6.png")
+    if failed is not None:
+        raise failed
     return results
 
 
@@ -261,8 +272,15 @@ def _run_jobs(todo: list[TrainConfig], cifar, rt, workers: int | None, side_by_s
                 print(f"finished {Path(c.out).name}", flush=True)
         return
     if n == 1:
+        errors: dict[str, BaseException] = {}
         for cfg in todo:
-            _train_job(replace(cfg, threads=threads or cfg.threads), cifar)
+            try:
+                _train_job(replace(cfg, threads=threads or cfg.threads), cifar)
+            except (StoppedBySignal, KeyboardInterrupt):
+                raise
+            except Exception as e:  # noqa: BLE001 - the next runs train; every failure is raised at the end
+                errors[cfg.out] = e
+        raise_run_errors(errors)
         return
     print(f"training {n} runs at a time, {threads} thread(s) each", flush=True)
     # Workers load the data themselves (about a second from the cache); per-run progress bars would interleave.
@@ -303,12 +321,21 @@ def _run_jobs(todo: list[TrainConfig], cifar, rt, workers: int | None, side_by_s
 
 
 def _note(p: Preset, overrides: dict[str, Any] | None) -> str:
-    v = (overrides or {}).get("val_split")
-    if not v:
-        return p.note
-    return (p.note.replace("full 50k training images, ", "") + f" Trained on 50k - {v} images, {v} held out for "
-            "validation (Sec. 4.2's 45k/5k split when 5000); the validation error is logged while training, and the "
-            "final weights meet the full 10k test set once.")
+    """The preset's note, and what this call changed of the preset's recipe (the note describes the preset's)."""
+    overrides = overrides or {}
+    note = p.note
+    v = overrides.get("val_split")
+    if v:
+        note = (note.replace("full 50k training images, ", "").replace("test error on the first 2000 test images; ", "")
+                + f" Trained on 50k - {v} images, {v} held out for validation (Sec. 4.2's 45k/5k split when 5000); "
+                "the validation error is logged while training, and the final weights meet the full 10k test set "
+                "once.")
+    base, used = p.config.to_dict(), replace(p.config, **overrides).to_dict()
+    changed = [f"{k} {base[k]} -> {used[k]}" for k in sorted(used)
+               if k not in ("val_split", "device", "threads", "data", "progress", "out", "resume") and used[k] != base[k]]
+    if changed:
+        note += f" Changed from the preset here: {', '.join(changed)}."
+    return note
 
 
 def _test_metrics(cfg: TrainConfig, summary: dict[str, Any], data: str | None, rt) -> dict[str, Any]:
@@ -392,12 +419,23 @@ def interpret(results: dict[str, Any]) -> list[str]:
         else:
             lines.append(f"The residual fix does NOT show in this run: ResNet-{hi} {rh['train_error']:.1f}% vs "
                          f"plain-{hi} {ph['train_error']:.1f}% training error.")
-    if rl and rh:
+    if rl and rh and steps >= 64000:
+        # trained as long as the paper: the ResNets' training errors are all near 0 by now, so the ordering that
+        # Table 6 reports is the test error's
+        gap = rl["test_error"] - rh["test_error"]
+        if gap > 0:
+            lines.append(f"The deeper ResNet is better: ResNet-{hi} {rh['test_error']:.2f}% vs ResNet-{lo} "
+                         f"{rl['test_error']:.2f}% test error ({gap:.2f} points), the ordering of Table 6.")
+        else:
+            lines.append(f"The deeper ResNet is NOT better here: ResNet-{hi} {rh['test_error']:.2f}% vs ResNet-{lo} "
+                         f"{rl['test_error']:.2f}% test error; Table 6 has the deeper one better up to 110 layers.")
+    elif rl and rh:
         gap = rl["train_error"] - rh["train_error"]
+        runs = "one run" if results.get("seeds", 1) == 1 else f"a mean of {results['seeds']} runs"
         if 0 < gap < 3:
             lines.append(f"ResNet-{hi} and ResNet-{lo} are too close to call ({rh['train_error']:.1f}% vs "
                          f"{rl['train_error']:.1f}% training error, {gap:.1f} points, within the noise of a short "
-                         "window of one run). The paper's claim that the deeper ResNet ends better needs long "
+                         f"window of {runs}). The paper's claim that the deeper ResNet ends better needs long "
                          "training (64k iterations, Fig. 6 right): the `paper` preset tests it.")
         elif gap >= 3:
             lines.append(f"Deeper ResNet already better: ResNet-{hi} {rh['train_error']:.1f}% vs ResNet-{lo} "
@@ -443,6 +481,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     for depth in results["depths"]:
         pl, rs = _row(results["table"], "plain", depth), _row(results["table"], "resnet", depth)
         any_row = pl or rs
+        if any_row is None:         # every run of this depth failed (listed below the table)
+            continue
         lines.append(f"| {depth} | {any_row['params'] / 1e6:.2f}M | "
                      f"{_fmt(pl and pl['train_error'], pl and pl['train_error_std'])} | "
                      f"{_fmt(pl and pl['test_error'], pl and pl['test_error_std'])} | "
@@ -450,7 +490,11 @@ def results_markdown(results: dict[str, Any]) -> str:
                      f"{_fmt(rs and rs['test_error'], rs and rs['test_error_std'])} | "
                      f"{_paper_cell(depth)} |")
     lines += ["", "The paper does not tabulate its plain nets; Fig. 6 (left) shows them above the ResNets at every "
-              "depth.", "", "## What the numbers show", ""]
+              "depth."]
+    if results.get("failed"):
+        lines += ["", f"**{len(results['failed'])} run(s) failed and are not in the table or the figures:**", ""]
+        lines += [f"- {name}: {why}" for name, why in results["failed"].items()]
+    lines += ["", "## What the numbers show", ""]
     lines += [f"- {s}" for s in results["interpretation"]]
     lines += ["", "![Fig. 6 style curves](fig6.png)"]
     if results.get("fig7"):
@@ -510,7 +554,10 @@ def plot_fig6(results: dict[str, Any], path: str | Path, title: str | None = Non
         ax.set_xlabel(unit)
         ax.grid(alpha=0.3)
         held_out = "validation" if results["config"].get("val_split") else "test"
-        ax.legend(title=f"dashed: training, bold: {held_out}", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(title=f"dashed: training, bold: {held_out}", fontsize=8)
+        else:                       # every run of this panel failed
+            ax.text(0.5, 0.5, "no run finished", ha="center", va="center", transform=ax.transAxes)
     axes[0][0].set_ylabel("error (%)")
     fig.suptitle(title or f"He et al. 2015 Fig. 6, reproduced (preset {results['preset']}, {steps} iterations)")
     fig.tight_layout()
