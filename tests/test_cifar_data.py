@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import socket
 import tarfile
 import threading
@@ -169,6 +170,8 @@ def test_split_is_deterministic_disjoint_and_complete(clean_env, fake10):
     assert not np.array_equal(other, vx)
     with pytest.raises(ValueError):
         data.split(val_size=20)
+    with pytest.raises(ValueError, match="a number of images .*0.1"):
+        data.split(val_size=0.1)            # a fraction is not a count (it used to fail inside numpy's slicing)
 
 
 # ------------------------------------------------------------------------------------------------ corrupt files
@@ -279,6 +282,26 @@ def test_an_incomplete_cache_folder_is_moved_aside_once_not_downloaded_over_fore
     aside = [p for p in os.listdir(clean_env) if p.startswith("cifar-10-batches-py.incomplete-")]
     assert len(aside) == 1 and os.listdir(clean_env / aside[0]) == ["data_batch_1"]     # kept, not deleted
     assert load_cifar(download=False).source.startswith("cache")                          # no second download
+
+
+@pytest.mark.parametrize("damage", ["garbled", "deleted"])
+def test_a_damaged_cache_is_fetched_again_and_moved_aside(clean_env, fake10, http_dir, damage):
+    """A cache copy with a damaged file, or with the file deleted as the error says to, is fetched again, and the
+    damaged folder is moved aside once (not kept in place, where every later load would download again)."""
+    served, base = http_dir
+    md5 = make_tgz(served / "c10.tar.gz", fake10["folder"])
+    shutil.copytree(fake10["folder"], clean_env / "cifar-10-batches-py")
+    bad = clean_env / "cifar-10-batches-py" / "data_batch_3"
+    if damage == "garbled":
+        bad.write_bytes(bad.read_bytes()[:1000])
+    else:
+        bad.unlink()
+    with pytest.raises(DataNotFoundError, match="cache .*data_batch_3.*\\n.*download: disabled"):
+        load_cifar(download=False)          # without a download: the damage is named among the sources tried
+    with pytest.warns(UserWarning, match="incomplete or damaged"):
+        assert_same(load_cifar(url=f"{base}/c10.tar.gz", md5=md5, progress=False, mirror_fetch=no_mirror), fake10)
+    assert len([p for p in os.listdir(clean_env) if p.startswith("cifar-10-batches-py.incomplete-")]) == 1
+    assert_same(load_cifar(download=False), fake10)                                        # no second download
 
 
 def test_download_url_from_env(clean_env, fake10, http_dir, monkeypatch):

@@ -202,6 +202,7 @@ def test_empty_and_missing_roots(tmp_path):
     assert ds.classes == ["n00000000", "n00000001"] and len(ds) == 2
     assert any(p.endswith("X.JPG") for p, _ in ds.samples)
     assert len(ImageFolderDataset(root, extensions=("jpg",), allow_empty_classes=True)) == 1   # X.JPG only
+    assert len(ImageFolderDataset(root, extensions=".jpg", allow_empty_classes=True)) == 1     # one ending, as a str
 
 
 def test_decode_bytes_and_bad_inputs():

@@ -130,6 +130,8 @@ class CifarData:
         keep the original order of the training set. The test set is unchanged.
         """
         n = len(self.train_labels)
+        if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)):
+            raise ValueError(f"val_size is a number of images (5000 for the paper's 45k/5k split), got {val_size!r}")
         if not 0 < val_size < n:
             raise ValueError(f"val_size must be in 1..{n - 1}, got {val_size}")
         perm = np.random.default_rng(seed).permutation(n)
@@ -424,23 +426,41 @@ def _download(url: str, dest: Path, md5: str | None, progress: bool, timeout: fl
                                "(a damaged or different file; nothing was kept)")
 
 
+def _whole(name: str, folder: Path) -> bool:
+    """Whether ``folder`` holds every file of the data set, each of which reads and checks."""
+    try:
+        _check_complete(name, folder)
+        _read_folder(name, folder, str(folder))
+        return True
+    except (CorruptDataError, OSError):
+        return False
+
+
 def _install_folder(name: str, built: Path, final: Path) -> None:
     """Atomically move the complete folder ``built`` to ``final`` (same filesystem). If another process
-    installed it meanwhile, keep theirs; an incomplete folder there (not ours: a copy by hand cut short) is
-    moved aside, not deleted, else every later load would download again."""
+    installed a whole copy meanwhile, keep theirs. A folder there that is not whole (a copy by hand cut short, a
+    damaged file) is moved aside, not deleted, else every later load would download again."""
     try:
         os.replace(built, final)
         return
     except OSError:
         if not final.is_dir():
             raise
-    if all((final / f).is_file() for f in _REQUIRED[name]):
-        return  # a concurrent loader won the race; its copy is complete (it was installed atomically)
+    if _whole(name, final):
+        return  # a concurrent loader won the race (it installed atomically), or the folder was mended meanwhile
     aside = final.with_name(f"{final.name}.incomplete-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}")
-    os.replace(final, aside)
-    warnings.warn(f"{final} was incomplete (no {_REQUIRED[name][0]}); moved it to {aside} and installed the "
-                  "download in its place", stacklevel=2)
-    os.replace(built, final)
+    try:
+        os.replace(final, aside)
+    except FileNotFoundError:
+        pass        # another loader moved it aside first
+    else:
+        warnings.warn(f"{final} was incomplete or damaged; moved it to {aside} and installed the download in its "
+                      "place", stacklevel=2)
+    try:
+        os.replace(built, final)
+    except OSError:
+        if not _whole(name, final):     # else another loader installed its copy between the two renames
+            raise
 
 
 def _fetch_official(name: str, cache: Path, url: str, md5: str | None, progress: bool,
@@ -632,9 +652,13 @@ def load_cifar(
     else:
         tried.append("explicit directory: none given (no root argument / --data DIR, RESNETS_DATA not set)")
 
-    # 2. the user cache
+    # 2. the user cache. A damaged copy there is fetched again (and moved aside when the new one is installed).
     cache = default_cache_dir()
-    data = attempt("cache", cache)
+    try:
+        data = attempt("cache", cache)
+    except CorruptDataError as e:
+        tried.append(f"cache {cache}: {e}")
+        data = None
     if data is not None:
         return data
 

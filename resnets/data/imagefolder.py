@@ -172,6 +172,8 @@ class ImageFolderDataset(Dataset):
         if skip_bad_files not in (True, False, "drop"):
             raise ValueError(f"skip_bad_files must be True, False or 'drop', got {skip_bad_files!r}")
         self.skip_bad_files = skip_bad_files
+        if isinstance(extensions, str):     # one ending, not its letters
+            extensions = (extensions,)
         self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         if not self.extensions:
             raise ValueError("extensions must not be empty")
