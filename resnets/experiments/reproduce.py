@@ -155,16 +155,21 @@ def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = 
                      "train_error": summary["train_error"], "test_error": test["error"],
                      "test_top5_error": test["top5_error"], "test_images": test["n"],
                      "val_error": summary["final"]["error"] if cfg.val_split else None,
-                     "best_test_error": (summary.get("best") or {}).get("error"),
+                     # the best of the evaluations while training: on the validation split when there is one
+                     f"best_{'val' if cfg.val_split else 'test'}_error": (summary.get("best") or {}).get("error"),
                      "seconds": summary["seconds"], "runtime": summary.get("runtime"),
                      "params": _params(net, depth), "curves": _curves(run_dir)})
     if not runs:
         raise failed
-    n_workers, threads = plan_workers(len(jobs), rt, workers)
+    n_workers, threads = plan_workers(len(todo), rt, workers)     # as _run_jobs planned the runs of this call
+    if stack:
+        n_workers = workers or len(todo)
     runtime = f"{rt.describe()}; {n_workers} run(s) at a time, side by side on CUDA streams" if rt.is_cuda else \
         f"CPU, {os.cpu_count()} cores; {n_workers} run(s) at a time with {threads} thread(s) each; fp32, channels_last"
+    if not todo:
+        runtime = f"{rt.describe()}; no run trained in this call (every run was reused)"
     ran_on = sorted({r["runtime"] for r in runs if r.get("runtime")})
-    if stack:
+    if stack and todo:
         runtime += f"; {_stacked(stack)} (grouped convolutions)"
     if ran_on:
         runtime += f" (runs report: {'; '.join(ran_on)})"
@@ -174,7 +179,7 @@ def run_experiment(preset: str | Preset = "demo", *, depths: list[int] | None = 
         "torch": torch.__version__, "data_source": cifar.source, "wall_seconds": None,
         "date": time.strftime("%Y-%m-%d"), "runs": runs, "table": summarize(runs),
         "reused": len(jobs) - len(todo),
-        "failed": {Path(out_).name: f"{type(e).__name__}: {e}" for out_, e in (failed.errors if failed else {}).items()},
+        "failed": {Path(o).name: f"{type(e).__name__}: {e}" for o, e in (failed.errors if failed else {}).items()},
     }
     results["interpretation"] = interpret(results)
     if responses:
