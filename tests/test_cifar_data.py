@@ -141,6 +141,10 @@ def test_explicit_dir_without_data_is_an_error_never_a_fallback(clean_env, tmp_p
         msg = str(ei.value)
         assert str(named) in msg and "never replaced by the cache" in msg
         assert ("does not exist" if named.name == "nowhere" else "holds no cifar-10-batches-py") in msg
+    (empty / "cifar-10-batches-py").mkdir()            # the folder, without its batches.meta: say that
+    (empty / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"x")
+    with pytest.raises(CorruptDataError, match="incomplete data folder, missing batches.meta, data_batch_2"):
+        load_cifar("cifar10", root=empty, download=False)
     monkeypatch.setenv("RESNETS_DATA", str(tmp_path / "typo"))
     with pytest.raises(DataNotFoundError, match=r"\$RESNETS_DATA.*typo.*does not exist"):
         load_cifar("cifar10", download=False)

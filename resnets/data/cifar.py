@@ -628,6 +628,8 @@ def load_cifar(
 
     def attempt(label: str, directory: Path) -> CifarData | None:
         folder = _find_folder(name, directory)
+        if folder is None and (directory / folder_name).is_dir():
+            _check_complete(name, directory / folder_name)     # there, but without its first file: name the missing
         if folder is None:
             why = "does not exist" if not directory.exists() else f"holds no {folder_name} data"
             tried.append(f"{label} {directory}: {why}")
