@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
 from pathlib import Path
 
@@ -203,6 +204,9 @@ def test_empty_and_missing_roots(tmp_path):
     assert any(p.endswith("X.JPG") for p, _ in ds.samples)
     assert len(ImageFolderDataset(root, extensions=("jpg",), allow_empty_classes=True)) == 1   # X.JPG only
     assert len(ImageFolderDataset(root, extensions=".jpg", allow_empty_classes=True)) == 1     # one ending, as a str
+    # a link back up to the root is followed once (it had listed every image ~40 times, until the path was too long)
+    os.symlink("..", root / "n00000000" / "loop")
+    assert len(ImageFolderDataset(root, allow_empty_classes=True)) == 2
 
 
 def test_decode_bytes_and_bad_inputs():

@@ -204,7 +204,17 @@ class ImageFolderDataset(Dataset):
 
     def _list_images(self, folder: str) -> list[str]:
         out = []
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        seen = set()        # linked folders are followed once: a link back up would list its images again
+
+        def unreadable(e: OSError) -> None:     # a folder the scan cannot enter would drop its images silently
+            raise PermissionError(f"cannot list {e.filename!r} under {self.root!r}: {e.strerror}") from e
+
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen:
+                dirnames[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             out.extend(os.path.join(dirpath, f) for f in filenames
                        if not f.startswith(".") and f.lower().endswith(self.extensions))
