@@ -586,7 +586,8 @@ def multiscale_predict(model: torch.nn.Module, image: torch.Tensor | Sequence[to
 class ImageCollate:
     """Collate ``(image, label)`` samples: images stacked to one tensor converted to ``dtype`` (default float32;
     values are not rescaled, so uint8 images become float 0..255; ``dtype=None`` keeps the images' dtype), labels to
-    an int64 tensor."""
+    an int64 tensor. With ``skip_bad_files="drop"`` a batch whose files were all unreadable is two empty tensors
+    (``x.numel() == 0``; its image shape is unknown): a loop of your own must skip it before the model."""
 
     def __init__(self, dtype: torch.dtype | None = torch.float32):
         self.dtype = dtype
