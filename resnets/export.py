@@ -35,7 +35,8 @@ from torch import nn
 
 from .data.normalize import Normalizer
 from .models import create_model, from_torchvision, get_spec, pretrained
-from .models.registry import torchvision_weights_entry
+from .models import registry
+from .models.registry import torchvision_file_tag, torchvision_weights_entry
 from .train import checkpoint as ck
 
 FORMATS = ("onnx", "torchscript")
@@ -143,7 +144,9 @@ def load_source(checkpoint: str | os.PathLike | None = None, model: str | None =
         if weights is not None:
             raise ValueError("give --weights with --model, not with --checkpoint")
         c = ck.load_checkpoint(checkpoint, with_state=False)
-        if c.model_name or model:
+        if not c.model_name and model and torchvision_file_tag(model, checkpoint):
+            net = create_model(model, weights=checkpoint)   # torchvision's file by its name: its layout (v1.5)
+        elif c.model_name or model:
             net = ck.model_from_checkpoint(c, model)
         else:
             try:  # a bare state_dict: torchvision's (or timm's plain) ResNet layout names its own architecture
@@ -151,13 +154,18 @@ def load_source(checkpoint: str | os.PathLike | None = None, model: str | None =
             except ValueError as e:
                 raise ck.CheckpointError(f"{c.path}: the checkpoint does not say which model it holds and is not "
                                          f"a torchvision ResNet state_dict ({e}); pass --model NAME") from None
-        src = checkpoint_source(c, net)
+        tag = None if c.model_name else torchvision_file_tag(getattr(net, "model_name", model), checkpoint)
+        if tag:
+            registry.check_torchvision_file(checkpoint, Path(checkpoint).name)
+        src = _torchvision_source(net, net.model_name, tag) if tag else checkpoint_source(c, net)
     elif model is None:
         raise ValueError("give --checkpoint PATH or --model NAME")
     else:
         net = create_model(model, weights=weights)
         if isinstance(weights, str) and weights.split(":", 1)[0] == "torchvision":
             src = _torchvision_source(net, model, weights)
+        elif torchvision_file_tag(model, weights):      # torchvision's file by path: its classes and transforms
+            src = _torchvision_source(net, model, torchvision_file_tag(model, weights))
         else:   # a shipped file or a file of ours is a checkpoint: its classes and preprocessing come along
             c = _checkpoint_of(model, weights)
             src = checkpoint_source(c, net) if c is not None else \

@@ -22,6 +22,24 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def publish_as_torchvision(monkeypatch, model: str, name: str) -> None:
+    """Make ``name`` the file name torchvision publishes for ``model``'s DEFAULT weights (the name carries the
+    hash that is checked): the tests' own weights stand in for the real file, which they cannot download."""
+    from resnets.models import registry
+
+    real = registry.torchvision_weights_entry
+
+    class Entry:
+        def __init__(self, entry):
+            self.entry, self.url = entry, f"https://example.invalid/models/{name}"
+
+        def __getattr__(self, attr):
+            return getattr(self.entry, attr)
+
+    monkeypatch.setattr(registry, "torchvision_weights_entry",
+                        lambda n, tag=None: Entry(real(n, tag)) if n == model else real(n, tag))
+
+
 def twin_nets(depth: int = 8):
     """Two equal ResNet-20-family nets (channels_last), to run one step implementation against another."""
     import torch

@@ -18,6 +18,8 @@ from resnets.cli import main as cli
 from resnets.models import registry
 from resnets.train import load_checkpoint, read_log
 
+from conftest import publish_as_torchvision
+
 CLASSES = ["cat", "dog", "newt"]
 
 
@@ -60,6 +62,7 @@ def served_resnet18(tmp_path, monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     monkeypatch.setenv(registry.WEIGHTS_URL_ENV, f"http://127.0.0.1:{server.server_address[1]}/{name}")
+    publish_as_torchvision(monkeypatch, "resnet18", name)
     try:
         yield sd
     finally:

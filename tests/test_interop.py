@@ -22,6 +22,8 @@ from resnets.models import registry
 from resnets.predict import ImageReadError, Predictor, load_image, predict
 from resnets.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
+from conftest import publish_as_torchvision
+
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -129,7 +131,7 @@ def _closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def test_torchvision_weights_download_through_local_server(http_dir, torch_home):
+def test_torchvision_weights_download_through_local_server(http_dir, torch_home, monkeypatch):
     root, base = http_dir
     torch.manual_seed(0)
     tv = randomize_bn(torchvision.models.resnet18())
@@ -138,6 +140,7 @@ def test_torchvision_weights_download_through_local_server(http_dir, torch_home)
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     name = f"resnet18-{digest[:8]}.pth"        # torchvision's naming: the hash prefix lets torch.hub check it
     tmp.rename(root / name)
+    publish_as_torchvision(monkeypatch, "resnet18", name)
     x = torch.randn(2, 3, 64, 64)
     model = create_model("resnet18", weights="torchvision", weights_url=f"{base}/{name}", progress=False).eval()
     with torch.no_grad():
@@ -148,6 +151,16 @@ def test_torchvision_weights_download_through_local_server(http_dir, torch_home)
     again = create_model("resnet18", weights="torchvision", weights_url=f"{base}/{name}", progress=False).eval()
     with torch.no_grad():
         assert torch.allclose(again(x), tv(x), atol=1e-5, rtol=0)
+    # a mirror URL naming a file of its own is checked against torchvision's name all the same, and cached under it
+    (torch_home / name).unlink()
+    torch.save(torchvision.models.resnet18().state_dict(), root / "resnet18.pth")     # other weights
+    with pytest.raises(WeightsDownloadError, match="not the published file"):
+        create_model("resnet18", weights="torchvision", weights_url=f"{base}/resnet18.pth", progress=False)
+    assert not (torch_home / name).exists() and not (torch_home / "resnet18.pth").exists()
+    # a file in the cache is checked too (torch.hub loads what is there): a damaged one is refused, naming it
+    (torch_home / name).write_bytes((root / "resnet18.pth").read_bytes())
+    with pytest.raises(ValueError, match=f"{name}: not torchvision's published .*delete it"):
+        create_model("resnet18", weights="torchvision", weights_url=f"{base}/{name}", progress=False)
 
 
 def test_mirror_serving_a_different_file_fails_the_hash_check(http_dir, torch_home, monkeypatch):
@@ -174,7 +187,7 @@ def test_weights_by_name_build_torchvision_architecture(monkeypatch):
     tv = randomize_bn(torchvision.models.resnet50())
     seen = []
     monkeypatch.setattr(registry, "_download_state_dict",
-                        lambda url, name, progress: seen.append(url) or tv.state_dict())
+                        lambda url, name, progress, file_name=None: seen.append(url) or tv.state_dict())
     ours = create_model("resnet50", weights="torchvision:IMAGENET1K_V1").eval()
     assert seen[0].endswith(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1])
     assert ours.stride_in == "3x3" and ours.model_kwargs == {"stride_in": "3x3"}
@@ -253,10 +266,12 @@ def test_malicious_pickle_is_refused_everywhere(malicious, tmp_path, cifar_check
     # a poisoned file already in torch.hub's cache is refused too, without a download
     hub = tmp_path / "torch-home" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
-    shutil.copy(evil, hub / "resnet18-deadbeef.pth")
+    name = f"resnet18-{hashlib.sha256(evil.read_bytes()).hexdigest()[:8]}.pth"    # passes the hash check
+    shutil.copy(evil, hub / name)
+    publish_as_torchvision(monkeypatch, "resnet18", name)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     with pytest.raises(UnsafeWeightsError):
-        create_model("resnet18", weights="torchvision", weights_url=_closed_port_url() + "/resnet18-deadbeef.pth")
+        create_model("resnet18", weights="torchvision", weights_url=_closed_port_url() + "/" + name)
     assert not marker.exists()
 
 
@@ -332,14 +347,24 @@ def test_predict_errors(cifar_checkpoint, images, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(no_pre), str(images[0])]) == 1
 
 
-def test_torchvision_file_downloaded_by_hand_builds_torchvision_layout(tmp_path):
+def test_torchvision_file_downloaded_by_hand_builds_torchvision_layout(tmp_path, monkeypatch, capsys):
     """The offline advice: pass the path of torchvision's file. Its name says which weights it holds, so the
-    bottleneck net is built as torchvision's v1.5 (same shapes as v1: loading alone could not tell)."""
+    bottleneck net is built as torchvision's v1.5 (same shapes as v1: loading alone could not tell), its hash is
+    checked, and an export of it carries torchvision's class names and preprocessing."""
     from resnets.train.finetune import load_initial
     torch.manual_seed(0)
     tv = torchvision.models.resnet50().eval()
     path = tmp_path / "resnet50-0676ba61.pth"                   # torchvision's IMAGENET1K_V1 file name
     torch.save(tv.state_dict(), path)
+    with pytest.raises(ValueError, match="not torchvision's published resnet50-0676ba61.pth"):
+        resnets.create_model("resnet50", weights=str(path))     # these random weights are not that file
+    assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "not torchvision's published" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
+    monkeypatch.setattr(registry, "check_torchvision_file", lambda *a: None)    # from here on: stand-in weights
+    from resnets.export import load_source
+    for src in (load_source(checkpoint=path, model="resnet50"), load_source(checkpoint=path),
+                load_source(model="resnet50", weights=str(path))):
+        assert src.net.stride_in == "3x3" and len(src.classes) == 1000 and src.resize_shorter == 256
     ours = resnets.create_model("resnet50", weights=str(path)).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

@@ -164,9 +164,30 @@ def torchvision_file_tag(name: str, weights: Any) -> str | None:
     return next((e.name for e in get_model_weights(name) if e.url.rsplit("/", 1)[1] == base), None)
 
 
-def _download_state_dict(url: str, name: str, progress: bool) -> dict[str, Any]:
-    """torch.hub's cache (TORCH_HOME/hub/checkpoints), SHA-256 checked against the ``-<hash>`` in the file name,
-    loaded with weights_only=True."""
+def check_torchvision_file(path: str | os.PathLike, file_name: str) -> None:
+    """Raise a ValueError unless the file's SHA-256 starts with the hash in torchvision's ``file_name``
+    (resnet50-0676ba61.pth: 0676ba61). torch.hub checks only what it downloads, not a file already in its cache or
+    one passed by path."""
+    import hashlib
+
+    from torch.hub import HASH_REGEX
+
+    m = HASH_REGEX.search(file_name)
+    if m is None:
+        return
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if not h.hexdigest().startswith(m.group(1)):
+        raise ValueError(f"{os.fspath(path)}: not torchvision's published {file_name} (SHA-256 {h.hexdigest()[:16]}..., "
+                         f"expected {m.group(1)}...): damaged, cut short or another file under its name; delete it "
+                         "and fetch it again")
+
+
+def _download_state_dict(url: str, name: str, progress: bool, file_name: str | None = None) -> dict[str, Any]:
+    """torch.hub's cache (TORCH_HOME/hub/checkpoints), SHA-256 checked against the ``-<hash>`` in the file name
+    (``file_name``: torchvision's, whatever the URL is called), loaded with weights_only=True."""
     import pickle
     import urllib.error
 
@@ -174,11 +195,14 @@ def _download_state_dict(url: str, name: str, progress: bool) -> dict[str, Any]:
 
     from .convert import UnsafeWeightsError, refusal_reason
 
-    file_name = url.rsplit("/", 1)[1]
+    file_name = file_name or url.rsplit("/", 1)[1]
     cache = os.path.join(torch.hub.get_dir(), "checkpoints")
     todo = (f"Without network access: download {url} on another machine and either put it in {cache}/ or pass its "
             f"path, keeping that file name: create_model({name!r}, weights=\"/path/to/{file_name}\") (command line: --weights "
             "PATH).")
+    cached = os.path.join(cache, file_name)
+    if os.path.isfile(cached):          # torch.hub would load it unchecked
+        check_torchvision_file(cached, file_name)
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=progress, check_hash=True,
                                                   file_name=file_name, weights_only=True)
@@ -200,13 +224,17 @@ def _load_weights(model: nn.Module, name: str, weights: Any, weights_url: str | 
 
     if isinstance(weights, str) and weights.split(":", 1)[0] == "torchvision":
         tag = weights.split(":", 1)[1] if ":" in weights else None
-        sd = _download_state_dict(torchvision_weights_url(name, tag, weights_url), name, progress)
+        # torchvision's own file name, whatever a mirror calls the file: the name carries the hash to check
+        official = torchvision_weights_entry(name, tag).url.rsplit("/", 1)[1]
+        sd = _download_state_dict(torchvision_weights_url(name, tag, weights_url), name, progress, official)
         source = f"torchvision's {tag or 'DEFAULT'} weights"
     elif pretrained.is_pretrained_tag(weights):
         path = pretrained.checked_path(name, weights)
         # the file is a resnets checkpoint: the preprocessing (per-pixel mean) rides along under "preprocess."
         sd, source = load_state_dict_file(path), f"the shipped {weights!r} weights ({path.name})"
     elif isinstance(weights, (str, os.PathLike)):
+        if torchvision_file_tag(name, weights) and os.path.isfile(weights):   # torchvision's file: its hash is known
+            check_torchvision_file(weights, os.path.basename(os.fspath(weights)))
         sd, source = load_state_dict_file(weights), os.fspath(weights)
     else:
         raise ValueError(f"weights must be None, a shipped tag such as 'cifar10', 'torchvision', 'torchvision:TAG' "
