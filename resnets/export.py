@@ -22,6 +22,7 @@ object in the extra file ``resnets.json``. :func:`read_metadata` reads either.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -404,7 +405,8 @@ def export_model(model: nn.Module | ExportSource, out: str | os.PathLike, fmt: s
         ExportSource(model, image_size_for(getattr(model, "model_name", None)))
     size = image_size or src.image_size
     h, w = (size, size) if isinstance(size, int) else size
-    net = src.net.to("cpu", torch.float32).eval()
+    # a copy: the caller's model (mid-training on a GPU, say) keeps its device, dtype and mode
+    net = copy.deepcopy(src.net).to("cpu", torch.float32).eval()
     # A dynamic batch dimension must not be traced with batch 1 (torch.export would specialise it to 1).
     example_batch = max(batch_size, 2) if dynamic_batch else batch_size
     shape = (example_batch, getattr(net, "in_channels", 3), h, w)

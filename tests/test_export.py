@@ -162,6 +162,13 @@ def test_torchscript_parity_metadata_and_cli(finetuned, tmp_path, capsys, monkey
     assert "batch size must be positive" in capsys.readouterr().err
 
 
+def test_export_leaves_the_callers_model_as_it_was(tmp_path):
+    """export_model works on a copy: a model mid-training keeps its dtype and training mode (and device)."""
+    net = create_model("resnet20", depth=8).double().train()
+    res = export_model(net, tmp_path / "r8.pt", "torchscript")
+    assert res.path.exists() and net.training and next(net.parameters()).dtype == torch.float64
+
+
 def test_onnx_parity_resnet50(tmp_path):
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)

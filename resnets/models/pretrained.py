@@ -100,10 +100,13 @@ def checked_path(model: str, tag: str) -> Path:
 
 
 def is_pretrained_tag(weights: Any) -> bool:
-    """Whether ``weights`` names shipped weights (a tag such as "cifar10") rather than a file path: a path that
-    exists (a checkpoint folder named cifar10-run, say) is a path."""
-    return isinstance(weights, str) and weights.startswith("cifar") and not Path(weights).suffix \
-        and not Path(weights).exists()
+    """Whether ``weights`` names shipped weights (a tag such as "cifar10") rather than a file path: a weights file
+    or a checkpoint folder of that name (cifar10-run, say) is a path; any other folder (a CIFAR-10 data folder
+    named cifar10 in the working directory) does not hide the tag."""
+    if not (isinstance(weights, str) and weights.startswith("cifar") and not Path(weights).suffix):
+        return False
+    p = Path(weights)
+    return not (p.is_file() or (p / "model.safetensors").is_file())
 
 
 def pack(checkpoint: str, out: str, card: dict[str, Any]) -> str:
