@@ -342,3 +342,22 @@ def test_resuming_a_finished_run_keeps_its_results(tiny_cifar, tmp_path):
     third = train(dataclasses.replace(cfg, resume="auto"))
     assert third.final["error"] == first.final["error"] and third.final["step"] == 2
     assert json.loads((tmp_path / "summary.json").read_text())["final"]["error"] == first.final["error"]
+
+
+def test_runtime_on_a_named_gpu_makes_it_current_and_bf16_needs_ampere(monkeypatch):
+    """--device cuda:1 makes GPU 1 the current device (a CUDA graph captures on the current one: elsewhere its
+    capture is empty); "auto" precision is bf16 only on GPUs that compute in it (compute capability 8.0 on).
+    torch.cuda is stood in for, as this machine has no GPU."""
+    import torch
+    from resnets.train.runtime import pick_runtime
+    made_current, capability = [], {"cap": (7, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: capability["cap"])
+    rt = pick_runtime("cuda:1")
+    assert made_current == [torch.device("cuda", 1)] and rt.dtype is None          # a V100: fp32
+    capability["cap"] = (9, 0)
+    assert pick_runtime("cuda").dtype == torch.bfloat16 and made_current == [torch.device("cuda", 1)]
+    with pytest.raises(ValueError, match="has 2 GPU"):
+        pick_runtime("cuda:2")

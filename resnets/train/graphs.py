@@ -81,14 +81,17 @@ class StaticStep:
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
+        # thread_local: a DataLoader's pin-memory thread allocating meanwhile must not invalidate the capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self._body()
         self.graph_lr = self.lr()
         self.captures += 1
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> StepOut:
-        self.x.copy_(x)
-        self.y.copy_(y)
+        if x.data_ptr() != self.x.data_ptr():      # a loader may have written the batch into the buffers already
+            self.x.copy_(x)
+        if y.data_ptr() != self.y.data_ptr():
+            self.y.copy_(y)
         self.calls += 1
         if not self.capture:
             self._eager()

@@ -43,9 +43,16 @@ def pick_runtime(device: str = "auto", precision: str = "auto", channels_last: b
             raise ValueError(f"unknown device {device!r}; choose auto, cpu, cuda or cuda:N") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        if dev.type == "cuda" and dev.index is not None:
+            if dev.index >= torch.cuda.device_count():
+                raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+            # the current device, not the tensors', decides where a CUDA graph captures (and the side stream of
+            # its warm-up): on another GPU the capture is empty and every replay does nothing
+            torch.cuda.set_device(dev)
     if precision == "auto":
-        # bf16 on GPUs that have it; fp32 on the CPU, where bf16 convolutions are slower on most machines.
-        dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        # bf16 on GPUs that compute in it (Ampere and later; torch also reports older ones, which emulate it
+        # slowly); fp32 on the CPU, where bf16 convolutions are slower on most machines.
+        dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0) else None
     elif precision in ("fp32", "float32"):
         dtype = None
     elif precision in ("bf16", "bfloat16"):
