@@ -256,7 +256,11 @@ def export_metadata(src: ExportSource, shape: tuple[int, int, int, int], num_out
     if src.classes:
         meta["classes"] = list(src.classes)
     if src.preprocess:
-        meta["preprocess"] = preprocess_metadata(src.preprocess, shape[2:], src.center_crop, src.resize_shorter)
+        resize = src.resize_shorter
+        trained = src.image_size if isinstance(src.image_size, int) else max(src.image_size)
+        if resize and max(shape[2:]) != trained:    # --image-size: the shorter side scales with the crop
+            resize = round(resize * max(shape[2:]) / trained)
+        meta["preprocess"] = preprocess_metadata(src.preprocess, shape[2:], src.center_crop, resize)
     if src.dataset:
         meta["dataset"] = src.dataset
     if src.weights:

@@ -198,6 +198,8 @@ def test_shipped_and_torchvision_weights_carry_classes_and_preprocessing():
     assert np.allclose(np.squeeze(p["mean"]), [0.485, 0.456, 0.406])
     assert np.allclose(np.squeeze(p["std"]), [0.229, 0.224, 0.225]) and p["mode"] == "channel"
     assert p["resize"] == "shorter-side-then-center-crop" and p["resize_shorter_side"] == 256
+    # --image-size 320: the shorter side scales with the crop (256 would be smaller than the crop)
+    assert export_metadata(src, (1, 3, 320, 320), 1000, True)["preprocess"]["resize_shorter_side"] == 366
     assert p["size"] == [224, 224]
 
 
