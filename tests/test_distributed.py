@@ -30,7 +30,9 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.
     """``torchrun --nproc_per_node N`` on the CPU, one thread per rank (gloo)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # A stuck collective fails in 120 s, well before the timeout here; a hang past it prints every rank's stack.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "RESNETS_DIST_TIMEOUT_S": "120", "PYTHONFAULTHANDLER": "1"}
     # Its own session, so that a hung collective is killed with every rank: subprocess.run's timeout kills only
     # the agent, and the ranks it leaves behind slow the rest of the suite.
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
@@ -38,8 +40,12 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
+        os.killpg(p.pid, signal.SIGABRT)       # faulthandler: each process prints where it is stuck
+        try:
+            out, err = p.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
         pytest.fail(f"torchrun still running after {timeout} s, killed with its ranks:\n{out[-3000:]}\n{err[-6000:]}")
     finally:
         if p.poll() is None:

@@ -111,7 +111,9 @@ def setup(device: str = "auto") -> tuple[DistContext, str]:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
         use_cuda = device != "cpu" and torch.cuda.is_available() and not str(device).startswith("cpu")
         backend = "nccl" if use_cuda else "gloo"
-        kwargs: dict[str, Any] = {"timeout": datetime.timedelta(minutes=30)}
+        # how long a collective waits for the other ranks before it fails (torch's default: 30 min)
+        timeout_s = float(os.environ.get("RESNETS_DIST_TIMEOUT_S", 1800))
+        kwargs: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)}
         if use_cuda:
             torch.cuda.set_device(local)
             kwargs["device_id"] = torch.device("cuda", local)
@@ -163,9 +165,11 @@ def teardown(ctx: DistContext, clean: bool = True) -> None:
     CPU tests, "terminate called without an active exception"). After an error no barrier: a dead rank would
     hold the others until the timeout."""
     if ctx.owns_group and dist.is_initialized():
-        if clean:
-            dist.barrier()
-        dist.destroy_process_group()
+        try:
+            if clean:
+                dist.barrier()
+        finally:    # also when the barrier fails (a rank died): else gloo is torn down only at interpreter exit
+            dist.destroy_process_group()
 
 
 def local_batch_size(global_batch: int, ctx: DistContext) -> int:

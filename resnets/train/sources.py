@@ -245,6 +245,8 @@ class ImageFolderSource:
 
     def close(self) -> None:
         self._it = None
+        # persistent workers live on in the DataLoader (holding copies of a rank's sockets) until it lets go
+        self.loader._iterator = None
 
 
 def spread_subset(n: int, subset: int | None) -> list[int]:
