@@ -163,10 +163,11 @@ def load_source(checkpoint: str | os.PathLike | None = None, model: str | None =
         raise ValueError("give --checkpoint PATH or --model NAME")
     else:
         net = create_model(model, weights=weights)
+        by_path = torchvision_file_tag(model, weights)
         if isinstance(weights, str) and weights.split(":", 1)[0] == "torchvision":
             src = _torchvision_source(net, model, weights)
-        elif torchvision_file_tag(model, weights):      # torchvision's file by path: its classes and transforms
-            src = _torchvision_source(net, model, torchvision_file_tag(model, weights))
+        elif by_path:       # torchvision's file by path: its classes and transforms
+            src = _torchvision_source(net, model, by_path)
         else:   # a shipped file or a file of ours is a checkpoint: its classes and preprocessing come along
             c = _checkpoint_of(model, weights)
             src = checkpoint_source(c, net) if c is not None else \
