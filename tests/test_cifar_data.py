@@ -4,6 +4,7 @@ Everything runs on tiny generated data sets except the `realdata` test at the en
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import http.server
@@ -16,12 +17,13 @@ import socket
 import tarfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from resnets.data import CifarData, CorruptDataError, DataNotFoundError, load_cifar
+from resnets.data import CacheWriteError, CifarData, CorruptDataError, DataNotFoundError, load_cifar
 from resnets.data import cifar as cifar_mod
 
 CLASSES10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -82,7 +84,8 @@ def assert_same(data: CifarData, ref: dict) -> None:
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
     """No RESNETS_* variables leak in; the cache is an empty folder of this test."""
-    for var in ("RESNETS_DATA", "RESNETS_CIFAR_URL", "RESNETS_CIFAR_MD5"):
+    for var in ("RESNETS_DATA", "RESNETS_CIFAR_URL", "RESNETS_CIFAR_MD5", "RESNETS_CIFAR10_URL", "RESNETS_CIFAR10_MD5",
+                "RESNETS_CIFAR100_URL", "RESNETS_CIFAR100_MD5"):
         monkeypatch.delenv(var, raising=False)
     cache = tmp_path / "cache"
     monkeypatch.setenv("RESNETS_CACHE", str(cache))
@@ -314,6 +317,58 @@ def test_download_url_from_env(clean_env, fake10, http_dir, monkeypatch):
     monkeypatch.setenv("RESNETS_CIFAR_URL", f"{base}/c10.tar.gz")
     monkeypatch.setenv("RESNETS_CIFAR_MD5", md5)
     assert_same(load_cifar(progress=False, mirror_fetch=no_mirror), fake10)
+
+
+def test_each_data_set_has_its_own_url_variable(clean_env, fake10, http_dir, tmp_path, monkeypatch):
+    served, base = http_dir
+    fake100 = write_fake_cifar100(tmp_path / "data100")
+    md5_10 = make_tgz(served / "c10.tar.gz", fake10["folder"])
+    md5_100 = make_tgz(served / "c100.tar.gz", fake100["folder"], arcname="cifar-100-python")
+    monkeypatch.setenv("RESNETS_CIFAR_URL", f"{base}/c10.tar.gz")     # the older name: CIFAR-10 only
+    monkeypatch.setenv("RESNETS_CIFAR_MD5", md5_10)
+    monkeypatch.setenv("RESNETS_CIFAR100_URL", f"{base}/c100.tar.gz")
+    monkeypatch.setenv("RESNETS_CIFAR100_MD5", md5_100)
+    assert_same(load_cifar("cifar100", progress=False), fake100)
+    assert_same(load_cifar("cifar10", progress=False, mirror_fetch=no_mirror), fake10)
+
+
+@pytest.mark.parametrize("where", ["download", "extraction"])
+def test_a_full_disk_stops_at_once_with_the_cache_named_and_nothing_left(clean_env, fake10, http_dir, monkeypatch,
+                                                                        where):
+    served, base = http_dir
+    md5 = make_tgz(served / "c10.tar.gz", fake10["folder"])
+    mirror_calls = []
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if where == "download":
+        real_open = open
+
+        class FullFile:
+            def __init__(self, f):
+                self.f = f
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+            write = staticmethod(full)
+
+        monkeypatch.setattr(cifar_mod, "open", lambda p, mode="r", *a, **k: FullFile(real_open(p, mode, *a, **k))
+                            if str(p).endswith(".part") else real_open(p, mode, *a, **k), raising=False)
+    else:
+        # (in this module only: the test's HTTP server copies with shutil too)
+        monkeypatch.setattr(cifar_mod, "shutil", types.SimpleNamespace(**{**vars(shutil), "copyfileobj": full}))
+    with pytest.raises(CacheWriteError) as ei:
+        load_cifar(url=f"{base}/c10.tar.gz", md5=md5, progress=False, mirror_fetch=mirror_calls.append)
+    msg = str(ei.value)
+    assert ei.value.errno == errno.ENOSPC and "No space left" in msg and str(clean_env) in msg
+    assert "MB free there" in msg and "RESNETS_CACHE" in msg and "--data" in msg
+    assert mirror_calls == []                   # the mirror would only have failed the same way, later
+    assert os.listdir(clean_env) == []          # no partial archive or half-extracted folder
 
 
 def test_download_checksum_mismatch_leaves_nothing(clean_env, fake10, http_dir):

