@@ -28,6 +28,17 @@ def free_port() -> int:
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node N`` on the CPU, one thread per rank (gloo)."""
+    for attempt in range(3):
+        r = _torchrun_once(args, nproc, timeout)
+        # free_port() lets the port go before torchrun binds it: another process can take it in between, and
+        # then nothing has run yet, so trying another port is safe
+        if r.returncode == 0 or "address already in use" not in (r.stdout + r.stderr).lower():
+            break
+    assert r.returncode == 0, f"torchrun failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return r
+
+
+def _torchrun_once(args: list[str], nproc: int, timeout: int) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), *args]
     # A stuck collective fails in 120 s, well before the timeout here; a hang past it prints every rank's stack.
@@ -51,9 +62,7 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-    r = subprocess.CompletedProcess(cmd, p.returncode, out, err)
-    assert r.returncode == 0, f"torchrun failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
-    return r
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 # The same training flags for one process and for two ranks: a 8-layer CIFAR ResNet, global batch 32.
