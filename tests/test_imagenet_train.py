@@ -153,3 +153,34 @@ def test_imagefolder_two_ranks_equal_one_process(folders, tmp_path):
     va = [x for x in read_log(tmp_path / "one/log.jsonl") if x["split"] == "val"]
     vb = [x for x in read_log(tmp_path / "ddp/log.jsonl") if x["split"] == "val"]
     assert va[0]["n"] == vb[0]["n"] == 9
+
+
+def test_sources_give_their_batch_shape_without_reading_a_batch(folders, tmp_path, monkeypatch):
+    """The whole-step graph is built for the shape of a batch. Reading batch 0 to learn it would start an
+    ImageFolder DataLoader at step 0, and a resumed run would then start it again at its own step."""
+    from types import SimpleNamespace
+
+    from resnets.data.cifar import CifarData
+    from resnets.train import graphs
+    from resnets.train.distributed import DistContext
+    from resnets.train.runtime import pick_runtime
+    from resnets.train.sources import make_source
+
+    rt, ctx = pick_runtime("cpu", "fp32", False), DistContext()
+    g = torch.Generator().manual_seed(0)
+    cifar = CifarData("cifar10", torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g).numpy(),
+                      torch.randint(0, 10, (64,), generator=g).numpy(),
+                      torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g).numpy(),
+                      torch.randint(0, 10, (16,), generator=g).numpy(), [str(i) for i in range(10)], "generated")
+    sources = [make_source(tiny(folders, tmp_path / "a", batch_size=6), rt, ctx),
+               make_source(recipe("cifar-paper", batch_size=8, progress=False, device="cpu"), rt, ctx, data=cifar)]
+    for source in sources:
+        assert source.batch_shape == tuple(source.batch(3)[0].shape)
+        source.close()
+
+    built = []
+    monkeypatch.setattr(graphs, "graph_applies", lambda *a, **k: (True, ""))
+    never_read = SimpleNamespace(batch_shape=(6, 3, 64, 64), batch=lambda step: pytest.fail("a batch was read"))
+    graphs.maybe_graph_step(SimpleNamespace(cuda_graph=True), None, None, rt, never_read, None,
+                            static_cls=lambda *a, **k: built.append(a[3]))
+    assert built == [(6, 3, 64, 64)]

@@ -128,6 +128,14 @@ def graph_applies(cfg, rt, distributed: bool = False, lr_in_graph: bool = False)
     return True, ""
 
 
+def batch_shape(source) -> tuple[int, ...]:
+    """The shape of one of ``source``'s training batches (this rank's). Sources that know it say so without reading
+    a batch: reading one would start an ImageFolder DataLoader at step 0, only to start it again where a resumed
+    run begins."""
+    shape = getattr(source, "batch_shape", None)
+    return tuple(shape) if shape is not None else tuple(source.batch(0)[0].shape)
+
+
 def maybe_graph_step(cfg, model: nn.Module, optimizer, rt, loader, eager_step: StepFn,
                      distributed: bool = False, static_cls: Callable[..., StaticStep] | None = None,
                      lr_in_graph: bool = False) -> StepFn:
@@ -138,10 +146,9 @@ def maybe_graph_step(cfg, model: nn.Module, optimizer, rt, loader, eager_step: S
         if cfg.cuda_graph is True:
             warnings.warn(f"CUDA graph requested but not used: {why}; training eagerly")
         return eager_step
-    x, _ = loader.batch(0)
-    static = (static_cls or StaticStep)(model, optimizer, rt.autocast, tuple(x.shape), rt.device, rt.memory_format, capture=True,
-                        compile=bool(getattr(cfg, "compile", False)),
-                        label_smoothing=getattr(cfg, "label_smoothing", 0.0) or 0.0)
+    static = (static_cls or StaticStep)(model, optimizer, rt.autocast, batch_shape(loader), rt.device,
+                                        rt.memory_format, capture=True, compile=bool(getattr(cfg, "compile", False)),
+                                        label_smoothing=getattr(cfg, "label_smoothing", 0.0) or 0.0)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> StepOut:
         nonlocal static

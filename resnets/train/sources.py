@@ -52,6 +52,7 @@ class CifarSource:
         self.train_size = len(data.train_labels)
         self.ctx = ctx
         self.local_batch = ddp.local_batch_size(cfg.batch_size, ctx)
+        self.batch_shape = (self.local_batch, *data.train_images.shape[1:])
         self.normalizer = normalizer or Normalizer(cfg.normalize, data.train_images)
         self.loader = DeviceLoader(data.train_images, data.train_labels, cfg.batch_size, rt.device, train=True,
                                    normalizer=self.normalizer, seed=cfg.seed, augment=cfg.augment,
@@ -206,6 +207,7 @@ class ImageFolderSource:
                              "(one folder per class: DIR/train/CLASS/*)")
         self.train_size = len(train_ds)
         self.local_batch = ddp.local_batch_size(cfg.batch_size, ctx)
+        self.batch_shape = (self.local_batch, 3, cfg.crop, cfg.crop)    # every training transform ends in this crop
         self.sampler = GlobalBatchSampler(train_ds, cfg.batch_size, ctx.world_size, ctx.rank, cfg.seed)
         self.loader = make_loader(SeededSamples(train_ds, cfg.seed), self.local_batch, train=True,
                                   num_workers=cfg.workers, sampler=self.sampler, seed=cfg.seed,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..models.resnet import CifarResNet
 from ..models.stacked import StackedCifarNets, can_stack, family_shapes, stack_inputs
-from .graphs import StaticStep, maybe_graph_step
+from .graphs import StaticStep, batch_shape, maybe_graph_step
 from .loop import Run, TrainResult, after_step, checkpoint_due, close, finish, next_batch, start
 from .rundir import GracefulStop
 from .step import StepOut
@@ -166,8 +166,7 @@ class _Stack:
         self.optimizer = StackedSGD(self.model, nets, [r.optimizer for r in runs], cfg.momentum, cfg.weight_decay,
                                     cfg.nesterov)
         make = functools.partial(StackedStep, k=len(runs))
-        x, _ = runs[0].source.batch(runs[0].start)
-        eager = make(self.model, self.optimizer, rt.autocast, tuple(x.shape), rt.device, rt.memory_format,
+        eager = make(self.model, self.optimizer, rt.autocast, batch_shape(runs[0].source), rt.device, rt.memory_format,
                      capture=False, compile=cfg.compile, label_smoothing=cfg.label_smoothing)
         self.step_fn = maybe_graph_step(cfg, self.model, self.optimizer, rt, runs[0].source, eager, static_cls=make,
                                         lr_in_graph=True)
