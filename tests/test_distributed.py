@@ -1,5 +1,6 @@
 """Data-parallel training under torchrun on the CPU (gloo): 2 ranks x B/2 == 1 process x B, rank-0-only output,
 exact resume under DDP, and the pieces (batch split, sampler, SyncBN on the CPU) on their own."""
+import dataclasses
 import json
 import os
 import shutil
@@ -233,3 +234,51 @@ def test_restart_scoped_store_only_on_one_node_with_the_agent_store(monkeypatch)
     monkeypatch.setenv("RANK", "0")
     with pytest.warns(RuntimeWarning, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
         assert _restart_scoped_store(timeout) is None
+
+
+class _Rank(DistContext):
+    """One rank of two, in this process: rank 0's broadcast and every rank's gathered failures are given."""
+
+    def __init__(self, rank: int, from_rank0=None, others_failure: str | None = None):
+        super().__init__(rank=rank, world_size=2)
+        self.from_rank0, self.others_failure = from_rank0, others_failure
+
+    def broadcast_object(self, obj):
+        return obj if self.is_main else self.from_rank0
+
+
+def test_resume_failing_on_one_rank_stops_every_rank_with_the_reason(tiny_cifar, tmp_path, monkeypatch):
+    """A checkpoint that one rank cannot find or load must stop all ranks, each saying why; before, the rank
+    that raised left the others waiting at the next collective until the timeout."""
+    import torch.distributed as dist
+
+    from resnets.train.rundir import load_resume
+
+    def gather(box, mine, **kw):     # rank r's own message at r, the other rank's as the test says
+        for r in range(len(box)):
+            box[r] = mine if r == ctx.rank else ctx.others_failure
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+
+    run = tmp_path / "run"
+    train(recipe("cifar-paper", model="resnet20", model_kwargs={"depth": 8}, data=str(tiny_cifar), out=str(run),
+                 steps=2, batch_size=8, eval_every=2, checkpoint_every=2, progress=False, threads=1, device="cpu",
+                 warmup_lr=None, val_split=0, milestones=()))
+    cfg = recipe("cifar-paper", model="resnet20", model_kwargs={"depth": 8}, data=str(tiny_cifar), out=str(run),
+                 steps=4, batch_size=8, progress=False, threads=1, device="cpu", warmup_lr=None, val_split=0,
+                 milestones=())
+    good = str(load_checkpoint(run / "checkpoints" / "step-00000002").path)
+
+    # rank 0 finds no such checkpoint: rank 1 raises rank 0's reason, without looking for itself
+    ctx = _Rank(1, from_rank0=(None, "--resume /nowhere: no such checkpoint"))
+    with pytest.raises(ValueError, match="/nowhere: no such checkpoint"):
+        load_resume(dataclasses.replace(cfg, resume=good), ctx)
+    # rank 0 chose a checkpoint that rank 1 cannot read (--out not shared): rank 1 raises its own error...
+    ctx = _Rank(1, from_rank0=(str(tmp_path / "only-on-rank-0"), None))
+    with pytest.raises(Exception, match="only-on-rank-0"):
+        load_resume(dataclasses.replace(cfg, resume="auto"), ctx)
+    # ...and rank 0, which loaded it, stops too, naming rank 1 and its reason
+    ctx = _Rank(0, others_failure="CheckpointError: /x/only-on-rank-0: not found")
+    with pytest.raises(RuntimeError, match="failed on rank 1 .*only-on-rank-0: not found"):
+        load_resume(dataclasses.replace(cfg, resume=good), ctx)
+    ctx = _Rank(0)                                   # every rank loads it: rank 0 goes on from it
+    assert load_resume(dataclasses.replace(cfg, resume="auto"), ctx).state["step"] == 2

@@ -86,6 +86,23 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def raise_if_any_failed(self, error: BaseException | None, what: str) -> None:
+        """Every rank says whether its part of ``what`` failed; all raise if any did (this rank its own error,
+        the others an error naming the first rank that failed). A failure on one rank alone would otherwise leave
+        the others waiting for it at the next collective until the timeout."""
+        if not self.enabled:
+            if error is not None:
+                raise error
+            return
+        box: list[Any] = [None] * self.world_size
+        dist.all_gather_object(box, None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        failed = [(r, m) for r, m in enumerate(box) if m is not None]
+        if failed:
+            r, m = failed[0]
+            raise RuntimeError(f"{what} failed on rank {r} (of {len(failed)} that failed): {m}")
+
     @torch.no_grad()
     def broadcast_buffers(self, model: nn.Module) -> None:
         """Give every rank rank 0's buffers (BN running statistics), e.g. before evaluating: without SyncBN each

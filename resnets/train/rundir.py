@@ -212,13 +212,34 @@ def own_run_dir(cfg, ctx) -> RunLock | None:
 
 
 def load_resume(cfg, ctx) -> ck.Checkpoint | None:
-    """The checkpoint ``cfg.resume`` names (rank 0 chooses for all ranks), checked against this run."""
-    path = find_resume(cfg)
-    if ctx.enabled:   # every rank loads the checkpoint rank 0 chose (--out must be visible to all ranks)
-        chosen = ctx.broadcast_object(str(path) if path is not None else None)
+    """The checkpoint ``cfg.resume`` names (rank 0 chooses for all ranks), checked against this run. Under
+    torchrun every rank loads it (``--out`` must be visible to all ranks), and a rank that cannot makes every
+    rank stop with the reason, not wait for it."""
+    path, why = None, None
+    if ctx.is_main:
+        try:
+            path = find_resume(cfg)
+        except ValueError as e:
+            if not ctx.enabled:
+                raise
+            why = str(e)
+    if ctx.enabled:
+        chosen, why = ctx.broadcast_object((str(path) if path is not None else None, why))
+        if why is not None:
+            raise ValueError(why)
         path = Path(chosen) if chosen is not None else None
     if path is None:
         return None
+    resume, error = None, None
+    try:
+        resume = _checked_resume(path, cfg)
+    except (ck.CheckpointError, OSError, ValueError) as e:
+        error = e
+    ctx.raise_if_any_failed(error, f"loading the checkpoint {path}")
+    return resume
+
+
+def _checked_resume(path: Path, cfg) -> ck.Checkpoint:
     resume = ck.load_checkpoint(path)
     if resume.state is None:
         raise ck.CheckpointError(f"{resume.path}: holds weights but no training state ({ck.STATE}); cannot resume")
