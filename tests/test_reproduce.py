@@ -126,7 +126,9 @@ def test_a_run_taken_further_is_not_reused_from_its_earlier_end(tiny_cifar, tmp_
     assert second["reused"] == 0 and json.loads((run / "summary.json").read_text())["steps"] == 12
     assert second["runs"][0]["best_val_error"] is not None and "best_test_error" not in second["runs"][0]
     assert "1 run(s) at a time" in second["runtime"]
-    again = run_experiment(base, overrides={"steps": 12, "val_split": 64}, **kw)
+    # a finished run is reused whatever the checkpoint cadence or the logging extras asked for now
+    again = run_experiment(base, overrides={"steps": 12, "val_split": 64, "checkpoint_every": 5, "keep_last": 1,
+                                            "tensorboard": True}, **kw)
     assert again["reused"] == 1 and "no run trained in this call" in again["runtime"]
     assert json.loads((run / "test.json").read_text())["step"] == 12
     with pytest.raises(RuntimeError, match="is at step 12, past this run's end"):

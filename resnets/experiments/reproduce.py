@@ -82,14 +82,20 @@ def run_name(net: str, depth: int, seed: int) -> str:
     return f"{net}{depth}-seed{seed}"
 
 
+# Settings that change how a run is carried out or kept, never its weights or the numbers it logs (resumes are
+# bit-identical whatever the checkpoint cadence): a finished run differing only in these is still the run asked for.
+_NOT_THE_RESULT = {"resume", "progress", "threads", "data", "workers", "checkpoint_every", "checkpoint_minutes",
+                   "keep_last", "tensorboard"}
+
+
 def _finished(out: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     s, c = out / "summary.json", out / "config.json"
     if not (s.exists() and c.exists()):
         return None
     old = TrainConfig.from_dict(json.loads(c.read_text())).to_dict()   # (older runs' spellings read as today's)
     new = cfg.to_dict()
-    ignore = {"resume", "progress", "threads", "data"}
-    if {k: v for k, v in old.items() if k not in ignore} != {k: v for k, v in new.items() if k not in ignore}:
+    if {k: v for k, v in old.items() if k not in _NOT_THE_RESULT} != \
+            {k: v for k, v in new.items() if k not in _NOT_THE_RESULT}:
         return None
     summary = json.loads(s.read_text())
     # config.json is rewritten when a run is taken further, summary.json only when it ends: a summary of an
