@@ -123,6 +123,10 @@ def checkpoint_source(c: ck.Checkpoint, net: nn.Module) -> ExportSource:
         conf = c.meta.get("config", {})
         return ExportSource(net, conf.get("crop") or image_size_for(name, c.preprocess), c.classes,
                             c.preprocess or None, True, conf.get("eval_resize"), dataset="imagefolder")
+    if c.meta.get("dataset") in ("cifar10", "cifar100"):
+        # CIFAR's images are 32 x 32 and were trained and evaluated whole, whatever family the net is of (an
+        # ImageNet ResNet-18 trained on CIFAR, a torchvision net fine-tuned there): resized whole, never cropped
+        return ExportSource(net, 32, c.classes, c.preprocess or None, False, dataset=c.meta["dataset"])
     return ExportSource(net, image_size_for(name, c.preprocess), c.classes, c.preprocess or None,
                         _is_imagenet_family(name), dataset=c.meta.get("dataset"))
 

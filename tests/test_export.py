@@ -292,3 +292,18 @@ def test_predict_and_export_resize_an_imagefolder_run_as_its_evaluation_did(tmp_
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (36, 72, 3), dtype=np.uint8)).save(wide)
     evaluated = standard_eval_transform(36, 32, torch.nn.Identity())(decode_image_bytes(wide.read_bytes()))
     assert torch.equal(load_image(wide, predictor.size, True, predictor.resize_shorter), evaluated.to(torch.uint8))
+
+
+@pytest.mark.parametrize("preprocess", [
+    {"mode": "channel", "mean": torch.tensor([125.3, 123.0, 113.9]), "std": torch.tensor([63.0, 62.1, 66.7])},
+    {"mode": "pixel-mean", "mean": torch.zeros(3, 32, 32)}])
+def test_an_imagenet_net_trained_on_cifar_is_fed_whole_32_pixel_images(preprocess, tmp_path):
+    """CIFAR runs were trained and evaluated on whole 32 x 32 images, whatever the net's family: predict and the
+    exported file must not take a 224-pixel centre crop (channel statistics) or zoom in (a per-pixel mean)."""
+    ckpt = save_checkpoint(tmp_path / "ckpt", create_model("resnet18", num_classes=3),
+                           meta={"model": "resnet18", "model_kwargs": {"num_classes": 3}, "classes": CLASSES,
+                                 "dataset": "cifar10", "config": {"crop": 224}}, preprocess=preprocess)
+    predictor = Predictor.from_checkpoint(ckpt)
+    assert (predictor.size, predictor.center_crop) == ((32, 32), False)
+    p = export_metadata(load_source(ckpt), (1, 3, 32, 32), 3, True)["preprocess"]
+    assert p["size"] == [32, 32] and p["resize"] != "shorter-side-then-center-crop"
