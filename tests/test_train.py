@@ -15,6 +15,7 @@ import resnets
 from resnets.config import TrainConfig, recipe
 from resnets.data import DeviceLoader
 from resnets.train import CheckpointError, NonFiniteLossError, load_checkpoint, model_from_checkpoint, read_log, train
+from resnets.train.rundir import RunDirError
 from resnets.train.schedule import learning_rate, resolve_warmup
 
 from conftest import twin_nets
@@ -342,6 +343,13 @@ def test_resuming_a_finished_run_keeps_its_results(tiny_cifar, tmp_path):
     third = train(dataclasses.replace(cfg, resume="auto"))
     assert third.final["error"] == first.final["error"] and third.final["step"] == 2
     assert json.loads((tmp_path / "summary.json").read_text())["final"]["error"] == first.final["error"]
+    # settings that would have shaped its training are refused: nothing would train with them, and its results
+    # and config.json would stand under them; how it is run or kept may change
+    config = (tmp_path / "config.json").read_text()
+    with pytest.raises(RunDirError, match="ended at step 2.*lr: 0.1 in the run, 0.05 now"):
+        train(dataclasses.replace(cfg, resume="auto", lr=0.05))
+    assert (tmp_path / "config.json").read_text() == config
+    assert train(dataclasses.replace(cfg, resume="auto", keep_last=1, workers=3)).final["error"] == first.final["error"]
 
 
 def test_runtime_on_a_named_gpu_makes_it_current_and_bf16_needs_ampere(monkeypatch):

@@ -33,6 +33,7 @@ from ..models.paper import TABLE6_ERROR, TABLE6_PARAMS_M, TABLE6_RESNET110_MEAN_
 from ..train import read_log
 from ..train import train as train_run
 from ..train.side_by_side import SideBySideError, StoppedBySignal, raise_run_errors
+from ..train.rundir import HOW_NOT_WHAT
 from ..train.runtime import pick_runtime
 
 
@@ -82,20 +83,14 @@ def run_name(net: str, depth: int, seed: int) -> str:
     return f"{net}{depth}-seed{seed}"
 
 
-# Settings that change how a run is carried out or kept, never its weights or the numbers it logs (resumes are
-# bit-identical whatever the checkpoint cadence): a finished run differing only in these is still the run asked for.
-_NOT_THE_RESULT = {"resume", "progress", "threads", "data", "workers", "checkpoint_every", "checkpoint_minutes",
-                   "keep_last", "tensorboard"}
-
-
 def _finished(out: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     s, c = out / "summary.json", out / "config.json"
     if not (s.exists() and c.exists()):
         return None
     old = TrainConfig.from_dict(json.loads(c.read_text())).to_dict()   # (older runs' spellings read as today's)
     new = cfg.to_dict()
-    if {k: v for k, v in old.items() if k not in _NOT_THE_RESULT} != \
-            {k: v for k, v in new.items() if k not in _NOT_THE_RESULT}:
+    if {k: v for k, v in old.items() if k not in HOW_NOT_WHAT} != \
+            {k: v for k, v in new.items() if k not in HOW_NOT_WHAT}:
         return None
     summary = json.loads(s.read_text())
     # config.json is rewritten when a run is taken further, summary.json only when it ends: a summary of an

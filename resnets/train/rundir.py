@@ -31,6 +31,13 @@ LOCK = ".lock"
 # What defines a run: resuming with any of these changed would continue another run's weights under this name.
 # The rest (steps, epochs, milestones, lr schedule, evaluation/log/checkpoint cadence, threads...) may change.
 DEFINING = ("model", "model_kwargs", "dataset", "batch_size", "seed", "recipe", "val_split", "normalize", "augment")
+# Settings that change how a run is carried out or kept, never its weights or the numbers it logs (resumes are
+# bit-identical whatever the checkpoint cadence).
+HOW_NOT_WHAT = ("resume", "progress", "threads", "data", "workers", "checkpoint_every", "checkpoint_minutes",
+                "keep_last", "tensorboard")
+# A finished run, resumed, trains and evaluates nothing more: these may differ too, as they would apply to no step.
+_MOOT_WHEN_FINISHED = ("out", "overwrite", "steps", "epochs", "log_every", "eval_every", "log_format", "device",
+                       "precision", "channels_last", "compile", "cuda_graph")
 
 
 class RunDirError(RuntimeError):
@@ -121,6 +128,25 @@ def check_fresh_start(out: Path, overwrite: bool) -> str | None:
         if (out / name).exists():
             shutil.move(str(out / name), str(aside / name))
     return f"--overwrite: the run that was in {out} ({', '.join(found)}) was moved to {aside}"
+
+
+def check_finished_resume(saved: dict[str, Any] | None, now: dict[str, Any], out: str, step: int) -> None:
+    """A run resumed at its last step trains nothing: if this launch asks for settings that would have shaped its
+    training (lr, schedule, weight decay...), its results would be reported, and its config.json rewritten, under
+    settings they were not trained with. Refused before anything is written."""
+    if not saved:
+        return
+    from ..config import TrainConfig
+
+    saved = TrainConfig.from_dict(saved).to_dict()     # (older runs' spellings read as today's)
+    skip = set(HOW_NOT_WHAT) | set(_MOOT_WHEN_FINISHED)
+    diffs = [f"{k}: {saved.get(k)!r} in the run, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+             if k not in skip and saved.get(k) != now.get(k)]
+    if diffs:
+        raise RunDirError(f"{out}: its run ended at step {step}, so nothing would be trained with this launch's "
+                          "settings, yet it differs in " + "; ".join(diffs) + ". Train those settings as a new run "
+                          "in another --out (or give --overwrite to move this one aside), or resume with the run's "
+                          "own config (OUT/config.json).")
 
 
 def check_resume_config(saved: dict[str, Any] | None, now: dict[str, Any], where: str) -> None:
@@ -248,6 +274,8 @@ def _checked_resume(path: Path, cfg) -> ck.Checkpoint:
                                  f"but this run trains {cfg.model}")
     check_resume_config(resume.meta.get("config"), cfg.to_dict(), str(resume.path))
     step = resume.state["step"]
+    if step == cfg.steps:
+        check_finished_resume(resume.meta.get("config"), cfg.to_dict(), cfg.out, step)
     if step > cfg.steps:    # training cannot go back: the run would keep its later weights under the shorter end
         raise ck.CheckpointError(f"{resume.path}: is at step {step}, past this run's end (--steps {cfg.steps}); "
                                  f"give --steps {step} or more to go on from it, or train anew in another --out")
