@@ -283,3 +283,18 @@ def test_table6_cell_of_resnet110_names_best_and_mean():
     compared with the second."""
     from resnets.experiments.reproduce import _paper_cell
     assert _paper_cell(110) == "6.43 (best of 5; mean 6.61 ± 0.16)" and _paper_cell(56) == "6.97"
+
+
+def test_side_by_side_groups_after_a_failed_one_still_train(tiny_cifar, tmp_path):
+    """Runs side by side in groups (--workers below the number of runs): a run failing in the first group must
+    not keep the later groups from training, nor leave results.md unwritten."""
+    from resnets.train.rundir import RunLock
+    from resnets.train.side_by_side import SideBySideError
+    out = tmp_path / "exp"
+    held = out / "runs" / "plain8-seed0"           # first group: plain8-seed0, plain8-seed1; second: the resnets
+    with RunLock(held), pytest.raises(SideBySideError) as e:
+        run_experiment(replace(TINY, depths=(8,), seeds=2), out=out, data=str(tiny_cifar), progress=False,
+                       workers=2, side_by_side=True, responses=False)
+    assert list(e.value.errors) == [str(held)]
+    res = json.loads((out / "results.json").read_text())
+    assert sorted(r["name"] for r in res["runs"]) == ["plain8-seed1", "resnet8-seed0", "resnet8-seed1"]

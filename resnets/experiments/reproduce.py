@@ -271,11 +271,16 @@ def _run_jobs(todo: list[TrainConfig], cifar, rt, workers: int | None, side_by_s
         where = "a CUDA stream each" if rt.is_cuda else "interleaved"
         where += f"; {_stacked(stack)}" if stack else ""
         print(f"training {n} runs at a time side by side on {rt.describe()}, {where}", flush=True)
+        failures: dict[str, BaseException] = {}
         for i in range(0, len(todo), n):
             group = [replace(c, resume="auto") for c in todo[i:i + n]]
-            train_side_by_side(group, data=cifar, on_log=lambda c, r: _report(c, r), stack=stack)
+            try:
+                train_side_by_side(group, data=cifar, on_log=lambda c, r: _report(c, r), stack=stack)
+            except SideBySideError as e:      # the group's other runs ended; the next groups train all the same
+                failures.update(e.errors)
             for c in group:
-                print(f"finished {Path(c.out).name}", flush=True)
+                print(f"{'failed' if c.out in failures else 'finished'} {Path(c.out).name}", flush=True)
+        raise_run_errors(failures)
         return
     if n == 1:
         errors: dict[str, BaseException] = {}
