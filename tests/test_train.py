@@ -369,3 +369,35 @@ def test_runtime_on_a_named_gpu_makes_it_current_and_bf16_needs_ampere(monkeypat
     assert pick_runtime("cuda").dtype == torch.bfloat16 and made_current == [torch.device("cuda", 1)]
     with pytest.raises(ValueError, match="has 2 GPU"):
         pick_runtime("cuda:2")
+
+
+def test_images_per_second_count_training_time_only_across_pauses_and_resumes(monkeypatch):
+    """img_per_s: the images since the last log line over the training time they took. An evaluation or a
+    checkpoint inside the window is left out of the time, not the images before it counted over the time after
+    it; a resumed window goes on with the time its images took before the stop."""
+    from resnets.train import log as log_mod
+    from resnets.train.distributed import DistContext
+    now = {"t": 0.0}
+    monkeypatch.setattr(log_mod, "time", SimpleNamespace(perf_counter=lambda: now["t"]))
+    ctx, one = DistContext(), torch.zeros(())
+    w = log_mod.LogWindow(torch.device("cpu"))
+    w.add(one, one.long(), 100)
+    w.add(one, one.long(), 100)
+    now["t"] = 10.0                      # an evaluation from 10 s to 15 s
+    since = now["t"]
+    now["t"] = 15.0
+    w.leave_out(since)
+    w.add(one, one.long(), 100)
+    now["t"] = 20.0
+    assert w.totals(ctx, 100)[2] / (now["t"] - w.t) == 300 / 15
+    state = w.state(ctx)                 # a checkpoint at 20 s, resumed at 100 s
+    now["t"] = 100.0
+    resumed = log_mod.LogWindow(torch.device("cpu"))
+    resumed.restore(state, ctx)
+    resumed.add(one, one.long(), 100)
+    now["t"] = 105.0
+    assert resumed.totals(ctx, 100)[2] / (now["t"] - resumed.t) == 400 / 20
+    # skipped steps are the run's, whatever the number of processes it resumes on
+    other = log_mod.LogWindow(torch.device("cpu"))
+    other.restore({**state, "per_rank": state["per_rank"] * 2, "skipped": 3}, ctx)
+    assert other.skipped == 3 and other.seen == 0

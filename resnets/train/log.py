@@ -107,17 +107,25 @@ class LogWindow:
         self.wrong.zero_()
         self.seen, self.t = 0, time.perf_counter()
 
+    def leave_out(self, since: float) -> None:
+        """Leave the time from ``since`` to now (an evaluation, a checkpoint) out of the window's training time."""
+        self.t += time.perf_counter() - since
+
     def state(self, ctx) -> dict[str, Any]:
         """Every rank's sums since the last line, for a checkpoint: a run resumed from it logs as if it never
         stopped. All ranks must call this (a collective under torchrun)."""
         mine = torch.tensor([self.loss.item(), float(self.wrong.item()), float(self.seen)], dtype=torch.float64,
                             device=self.device if ctx.backend == "nccl" else "cpu")
         return {"per_rank": [[t[0].item(), int(t[1].item()), int(t[2].item())] for t in ctx.all_gather(mine)],
-                "skipped": self.skipped}
+                "skipped": self.skipped, "seconds": time.perf_counter() - self.t}
 
     def restore(self, state: dict[str, Any] | None, ctx) -> None:
-        if state and len(state["per_rank"]) == ctx.world_size:    # (a different world size starts a fresh line)
+        if not state:
+            return
+        self.skipped = state["skipped"]
+        if len(state["per_rank"]) == ctx.world_size:    # (a different world size starts a fresh line)
             loss, wrong, self.seen = state["per_rank"][ctx.rank]
             self.loss.fill_(loss)
             self.wrong.fill_(wrong)
-            self.skipped = state["skipped"]
+            # the images already in the sums took this long before the stop (unknown in older checkpoints)
+            self.t = time.perf_counter() - state.get("seconds", 0.0)

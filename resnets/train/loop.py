@@ -309,12 +309,13 @@ def after_step(run: Run, done: int, lr: float, y: torch.Tensor, out, stop: Grace
         stop_now = stopping
     regular = cfg.checkpoint_every > 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
     if regular or late or stop_now:
+        t_save = time.perf_counter()
         if cfg.on_nan == "stop" and run.window.seen:   # not finite since the last log line: no checkpoint of it
             _stop_if_not_finite(run, done, run.window.totals(run.ctx, y.numel())[0], y.numel())
         run.last_good = run.save(done, metrics) or run.last_good
         if ctx.is_main:
             ck.prune_checkpoints(run.out / "checkpoints", cfg.keep_last)
-        run.window.t = time.perf_counter()
+        run.window.leave_out(t_save)
     if bar is not None:
         bar.update(1)
     if stop_now:
@@ -376,6 +377,7 @@ def _stop_if_not_finite(run: Run, done: int, loss_mean: float, batch: int) -> No
 
 
 def _evaluate(run: Run, done: int) -> dict[str, float]:
+    t_eval = time.perf_counter()
     run.ctx.broadcast_buffers(run.model)   # rank 0's BN statistics everywhere: the ones its checkpoint holds
     metrics = evaluate_model(run.model, run.source.eval_loader, run.rt,
                              reduce=run.ctx.all_reduce_sum if run.source.sharded_eval else None)
@@ -386,7 +388,7 @@ def _evaluate(run: Run, done: int) -> dict[str, float]:
         run.best = {"step": done, **metrics}
         if run.cfg.checkpoint_every > 0:
             run.save(done, metrics, run.out / "checkpoints" / "best")
-    run.window.t = time.perf_counter()
+    run.window.leave_out(t_eval)     # img_per_s counts training time only
     return metrics
 
 
