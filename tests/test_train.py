@@ -401,3 +401,37 @@ def test_images_per_second_count_training_time_only_across_pauses_and_resumes(mo
     other = log_mod.LogWindow(torch.device("cpu"))
     other.restore({**state, "per_rank": state["per_rank"] * 2, "skipped": 3}, ctx)
     assert other.skipped == 3 and other.seen == 0
+
+
+def test_a_torn_last_log_line_does_not_block_the_resume(tiny_cifar, tmp_path):
+    """A crash or a full disk while a log line was written leaves it cut short: the resume drops it (the log is
+    cut back to the checkpoint anyway); reading such a log otherwise names the file and line."""
+    cfg = tiny_cfg(tiny_cifar, tmp_path, steps=4, eval_every=2, checkpoint_every=2, log_every=1, keep_last=2)
+    train(cfg)
+    log = tmp_path / "log.jsonl"
+    with open(log, "a") as f:
+        f.write('{"step": 5, "spl')
+    with pytest.raises(ValueError, match=r"log.jsonl: line \d+ is not a log record"):
+        read_log(log)
+    train(dataclasses.replace(cfg, resume=str(tmp_path / "checkpoints" / "step-00000002")))
+    assert [r["step"] for r in read_log(log) if r["split"] == "train"] == [1, 2, 3, 4]
+    assert not list(tmp_path.glob(".log.jsonl.tmp-*"))
+
+
+def test_tensorboard_missing_leaves_no_half_made_run(tiny_cifar, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)      # as if the package were not installed
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="needs the tensorboard package"):
+        train(tiny_cfg(tiny_cifar, out, steps=2, tensorboard=True))
+    assert not (out / "config.json").exists()
+
+
+def test_a_save_killed_mid_replace_under_a_pid_used_again_does_not_block_saves(tmp_path):
+    from resnets.train.checkpoint import save_checkpoint
+    model = resnets.create_model("resnet20", depth=8)
+    best = save_checkpoint(tmp_path / "best", model, meta={"model": "resnet20"})
+    stale = tmp_path / f".best.old-{os.getpid()}"           # what a kill between the two renames leaves
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"old")
+    save_checkpoint(best, model, meta={"model": "resnet20"})
+    assert load_checkpoint(best).model_name == "resnet20" and not stale.exists()

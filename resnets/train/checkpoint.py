@@ -149,6 +149,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, meta: dict[str
         _fsync_dir(tmp)
         if final.exists():   # a directory cannot be renamed over a full one: the old one steps aside first
             old = final.parent / f".{final.name}.old-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)   # one left by a save killed here, under a pid used again
             os.replace(final, old)
             try:
                 os.replace(tmp, final)

@@ -12,6 +12,15 @@ from typing import Any
 import torch
 
 
+def summary_writer_class():
+    """TensorBoard's SummaryWriter, or a ValueError saying what to install (asked before a run writes anything)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install 'resnets[tensorboard]'") from e
+    return SummaryWriter
+
+
 class RunLog:
     FIELDS = ["step", "split", "loss", "error", "top5_error", "lr", "img_per_s", "elapsed_s"]
 
@@ -26,10 +35,7 @@ class RunLog:
             self._truncate_after(resume_step)
         self.tb = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ValueError("--tensorboard needs the tensorboard package: pip install 'resnets[tensorboard]'") from e
+            SummaryWriter = summary_writer_class()
             # events of steps after the resumed one go (as in the log); the resumed step's own stay
             self.tb = SummaryWriter(str(out / "tensorboard"),
                                     purge_step=None if resume_step is None else resume_step + 1)
@@ -38,21 +44,26 @@ class RunLog:
         """Records after the resumed step were written by the crashed run; the resumed run writes them again."""
         if not self.path.exists():
             return
-        kept = [r for r in read_log(self.path) if r["step"] <= step]
-        self.path.unlink()
-        for r in kept:
-            self.write(r, tb=False)
+        # (a line cut short by the crash is dropped; the log is replaced whole, so a second crash here loses nothing)
+        kept = [r for r in read_log(self.path, torn_tail_ok=True) if r["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
+            self._write_to(f, kept, header=True)
+        os.replace(tmp, self.path)
+
+    def _write_to(self, f, records: list[dict[str, Any]], header: bool) -> None:
+        if self.fmt == "jsonl":
+            f.writelines(json.dumps(r) + "\n" for r in records)
+            return
+        w = csv.DictWriter(f, self.FIELDS, extrasaction="ignore")
+        if header:
+            w.writeheader()
+        w.writerows(records)
 
     def write(self, record: dict[str, Any], tb: bool = True) -> None:
         new = not self.path.exists()
         with open(self.path, "a", newline="") as f:
-            if self.fmt == "jsonl":
-                f.write(json.dumps(record) + "\n")
-            else:
-                w = csv.DictWriter(f, self.FIELDS, extrasaction="ignore")
-                if new:
-                    w.writeheader()
-                w.writerow(record)
+            self._write_to(f, [record], header=new)
         if tb and self.tb is not None:
             for k in ("loss", "error", "top5_error", "lr", "img_per_s"):
                 if record.get(k) is not None:
@@ -63,16 +74,34 @@ class RunLog:
             self.tb.close()
 
 
-def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a run's log.jsonl or log.csv, as dicts with numbers."""
+def read_log(path: str | os.PathLike, torn_tail_ok: bool = False) -> list[dict[str, Any]]:
+    """The records of a run's log.jsonl or log.csv, as dicts with numbers. ``torn_tail_ok``: a last record cut
+    short (a crash or a full disk while it was written) is dropped; anywhere else, or without it, a record that
+    does not read is a ValueError naming the file and line."""
     p = Path(path)
+    rows: list[dict[str, Any]] = []
     if p.suffix == ".jsonl":
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    rows = []
+        lines = [(i, line) for i, line in enumerate(p.read_text().splitlines(), 1) if line.strip()]
+        for i, line in lines:
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                if torn_tail_ok and i == lines[-1][0]:
+                    break
+                raise ValueError(f"{p}: line {i} is not a log record ({e})") from None
+        return rows
     with open(p, newline="") as f:
-        for r in csv.DictReader(f):
+        records = list(csv.DictReader(f))
+    for i, r in enumerate(records, 2):
+        try:
+            if None in r.values() or None in r:      # fewer or more fields than the header: a row cut short
+                raise ValueError(f"{len([v for v in r.values() if v is not None])} fields, not {len(r)}")
             rows.append({k: (v if k == "split" else (None if v == "" else float(v) if k != "step" else int(v)))
                          for k, v in r.items()})
+        except ValueError as e:
+            if torn_tail_ok and i == len(records) + 1:
+                break
+            raise ValueError(f"{p}: line {i} is not a log record ({e})") from None
     return rows
 
 

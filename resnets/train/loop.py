@@ -37,7 +37,7 @@ from . import checkpoint as ck
 from . import distributed as ddp
 from . import finetune
 from .evaluate import evaluate_model
-from .log import LogWindow, RunLog
+from .log import LogWindow, RunLog, summary_writer_class
 from .rundir import GracefulStop, StoppedBySignal, agree, load_resume, own_run_dir
 from .runtime import Runtime, pick_runtime
 from .schedule import learning_rate, resolve_steps, resolve_warmup
@@ -189,6 +189,8 @@ def setup(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rt = pick_runtime(device, cfg.precision, cfg.channels_last)
+    if cfg.tensorboard:     # on every rank, before anything is written: a run left half-made would refuse a rerun
+        summary_writer_class()
     if rt.is_cuda:   # fixed batch shapes: let cuDNN time its kernels once and keep the fastest
         torch.backends.cudnn.benchmark = True
     resume = load_resume(cfg, ctx)
