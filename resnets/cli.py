@@ -194,7 +194,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     args.checkpoint = shipped_or_checkpoint(args, "evaluate")
     from .train.evaluate import evaluate_imagefolder_checkpoint, is_imagefolder_checkpoint
 
-    if args.ten_crop or args.multi_scale or is_imagefolder_checkpoint(args.checkpoint):
+    if (args.scales or args.flip) and not args.multi_scale:
+        raise ValueError("--scales and --flip set up --multi-scale evaluation: add --multi-scale, or leave them out")
+    imagefolder = is_imagefolder_checkpoint(args.checkpoint)
+    if args.per_class and (imagefolder or args.ten_crop or args.multi_scale):
+        raise ValueError("--per-class is for CIFAR checkpoints (centre evaluation of the test set); ImageFolder "
+                         "evaluation reports top-1 and top-5 error only")
+    if args.ten_crop or args.multi_scale or imagefolder:
         protocol = "ten-crop" if args.ten_crop else "multi-scale" if args.multi_scale else "center"
         r = evaluate_imagefolder_checkpoint(args.checkpoint, args.data, protocol=protocol, scales=args.scales,
                                             flip=args.flip, device=args.device, subset=args.subset,

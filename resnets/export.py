@@ -191,7 +191,7 @@ def _checkpoint_of(model: str, weights: str | os.PathLike | None) -> ck.Checkpoi
         return None
     if pretrained.is_pretrained_tag(weights):
         return ck.load_checkpoint(pretrained.checked_path(model, weights), with_state=False)
-    if not Path(weights).is_file():
+    if not (Path(weights).is_file() or (Path(weights) / "model.safetensors").is_file()):
         return None
     try:
         c = ck.load_checkpoint(weights, with_state=False)

@@ -73,6 +73,8 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Predictor":
+        if str(device) == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         c = ck.load_checkpoint(path, with_state=False)
         if not c.classes:
             raise ck.CheckpointError(f"{c.path}: the checkpoint stores no class names, so predictions cannot be "

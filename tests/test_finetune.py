@@ -218,6 +218,11 @@ def test_a_checkpoint_folder_named_like_a_shipped_tag_is_read_as_a_path(tmp_path
     got = load_initial("resnet20", "cifar10-run", {})
     assert got.source == "the checkpoint cifar10-run" and got.model.depth == 8
     assert all(torch.equal(a, b) for a, b in zip(got.model.state_dict().values(), net.state_dict().values()))
+    # create_model and export take the folder as the file in it, with its class names and preprocessing
+    assert all(torch.equal(a, b) for a, b in zip(create_model("resnet20", depth=8, weights="cifar10-run")
+                                                 .state_dict().values(), net.state_dict().values()))
+    from resnets.export import _checkpoint_of
+    assert _checkpoint_of("resnet20", "cifar10-run").model_name == "resnet20"
     (tmp_path / "cifar10").mkdir()          # a data folder of that name is not a checkpoint: the tag still works
     assert create_model("resnet20", weights="cifar10").depth == 20
 

@@ -325,6 +325,7 @@ def test_predict_cli_text_and_json(cifar_checkpoint, images, capsys):
     assert r["image"] == str(images[1]) and len(r["top"]) == 3
     assert 0 < sum(t["probability"] for t in r["top"]) <= 1 + 1e-6
     assert set(r["top"][0]) == {"class", "index", "probability"}
+    assert main(["predict", "--checkpoint", str(cifar_checkpoint), "--device", "auto", str(images[1])]) == 0
 
 
 def test_predict_errors(cifar_checkpoint, images, tmp_path, capsys):

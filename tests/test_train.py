@@ -207,6 +207,11 @@ def test_cli_train_and_evaluate(tiny_cifar, tmp_path, capsys, monkeypatch):
                  "--no-progress", "--per-class"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 11 and all(line.rstrip().endswith("%") for line in lines[1:]), lines
+    for ignored in (["--scales", "24,32"], ["--flip"], ["--ten-crop", "--per-class"]):   # refused, not dropped
+        assert main(["evaluate", "--checkpoint", str(out / "checkpoints/step-00000010"), "--data", str(tiny_cifar),
+                     "--no-progress", *ignored]) == 2
+        err = capsys.readouterr().err
+        assert "add --multi-scale" in err or "--per-class is for CIFAR" in err, err
     # an explicit --data that holds nothing: an error naming it, never the cache, a download or the npm mirror
     monkeypatch.setenv("RESNETS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("RESNETS_CIFAR_URL", "http://127.0.0.1:9/cifar.tar.gz")

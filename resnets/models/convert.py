@@ -85,6 +85,8 @@ def load_state_dict_file(path: Any) -> dict[str, torch.Tensor]:
     import pickle
 
     path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, "model.safetensors")):    # a checkpoint folder of resnets train
+        path = os.path.join(path, "model.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such weights file")
     if str(path).endswith(".safetensors"):
