@@ -151,6 +151,12 @@ def train_config(args: argparse.Namespace):
         cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
         if overrides["steps"] is not None and overrides["epochs"] is None:
             cfg = dataclasses.replace(cfg, epochs=None)
+        late = [m for m in cfg.milestones if m >= cfg.steps]
+        if overrides["steps"] is not None and overrides["milestones"] is None and cfg.lr_schedule == "step" and late:
+            # a recipe scales its milestones to --steps; a config file's are the run's own, so they stay, and
+            # here some would never be reached
+            raise ValueError(f"--steps {cfg.steps} with {args.config}: its lr milestones {list(cfg.milestones)} are "
+                             f"not all below it, so the lr would not drop at {late}; give --milestones as well")
     else:
         overrides["model"] = args.model or (RECIPES[args.recipe].model if args.recipe in RECIPES else "resnet20")
         overrides["out"] = args.out or f"runs/{overrides['model']}"

@@ -213,3 +213,14 @@ def test_fp16_training_is_refused_with_the_reason(capsys):
     assert "invalid choice: 'fp16'" in capsys.readouterr().err
     assert "loss scaling" in dataclasses.fields(TrainConfig)[[f.name for f in dataclasses.fields(TrainConfig)]
                                                              .index("precision")].metadata["help"]
+
+
+def test_steps_over_a_config_file_keep_its_milestones_and_refuse_unreachable_ones(tmp_path):
+    """A recipe's milestones are scaled to --steps; a config file's are its run's own and stay, so a --steps
+    below them would train at the first lr throughout: refused, unless --milestones is given too."""
+    f = tmp_path / "config.json"
+    f.write_text(dataclasses.replace(RECIPES["cifar-paper"], out="runs/saved").to_json())
+    with pytest.raises(ValueError, match=r"milestones \[32000, 48000\] are not all below it.*\[32000, 48000\]"):
+        parse("--config", str(f), "--steps", "2000")
+    assert parse("--config", str(f), "--steps", "2000", "--milestones", "1000,1500").milestones == (1000, 1500)
+    assert parse("--config", str(f), "--steps", "80000").milestones == (32000, 48000)     # taken further
