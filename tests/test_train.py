@@ -440,3 +440,23 @@ def test_a_save_killed_mid_replace_under_a_pid_used_again_does_not_block_saves(t
     (stale / "model.safetensors").write_bytes(b"old")
     save_checkpoint(best, model, meta={"model": "resnet20"})
     assert load_checkpoint(best).model_name == "resnet20" and not stale.exists()
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tiny_cifar, tmp_path):
+    """Resumed from step 2 while steps 4 and 6 exist, the run goes another way (here, another lr): the later
+    checkpoints are moved aside, not left for pruning (which keeps the highest steps) to prefer over the new
+    line's, nor for --resume auto to go back to."""
+    cfg = tiny_cfg(tiny_cifar, tmp_path, steps=6, eval_every=2, checkpoint_every=2, log_every=1, keep_last=3)
+    train(cfg)
+    ckpts = tmp_path / "checkpoints"
+    old6 = weights(ckpts / "step-00000006")
+    train(dataclasses.replace(cfg, keep_last=1, lr=0.05, resume=str(ckpts / "step-00000002")))
+    (aside,) = ckpts.glob("abandoned-*")
+    names = {p.name for p in aside.iterdir()}          # (and "best" when the old line's best was after step 2)
+    assert {"step-00000004", "step-00000006"} <= names <= {"step-00000004", "step-00000006", "best"}
+    if "best" in names:
+        assert load_checkpoint(aside / "best", with_state=False).step > 2
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000006"]
+    new6 = weights(ckpts / "step-00000006")
+    assert any(not torch.equal(a, b) for a, b in zip(old6.values(), new6.values()))
+    assert any("moved to" in str(r.get("event", "")) for r in read_log(tmp_path / "log.jsonl"))

@@ -38,7 +38,7 @@ from . import distributed as ddp
 from . import finetune
 from .evaluate import evaluate_model
 from .log import LogWindow, RunLog, summary_writer_class
-from .rundir import GracefulStop, StoppedBySignal, agree, load_resume, own_run_dir
+from .rundir import GracefulStop, StoppedBySignal, agree, load_resume, own_run_dir, set_aside_later_checkpoints
 from .runtime import Runtime, pick_runtime
 from .schedule import learning_rate, resolve_steps, resolve_warmup
 from .sources import make_source
@@ -227,6 +227,9 @@ def setup(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
             run.final = {"step": run.start, "split": source.eval_name, **resume.meta["metrics"]}
         # elapsed_s in the log and summary.json counts every launch up to here (older checkpoints lack it)
         run.t_start = time.perf_counter() - st.get("elapsed_s", 0.0)
+    if ctx.is_main and resume is not None and (aside := set_aside_later_checkpoints(run.out, run.start)):
+        note = (f"{note}; " if note else "") + f"resumed from step {run.start}, so the checkpoints of later steps " \
+            f"were moved to {aside}"
     if ctx.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         # overwrite is an instruction to this launch, not part of the run: a later --config must not repeat it

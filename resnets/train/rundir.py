@@ -130,6 +130,29 @@ def check_fresh_start(out: Path, overwrite: bool) -> str | None:
     return f"--overwrite: the run that was in {out} ({', '.join(found)}) was moved to {aside}"
 
 
+def set_aside_later_checkpoints(out: str | os.PathLike, step: int) -> Path | None:
+    """A run resumed from an earlier checkpoint than its last goes another way from ``step`` on: its checkpoints
+    of later steps (and a ``best`` from one of them) are of the abandoned line. Left in place, pruning (which keeps
+    the highest steps) would delete the new line's checkpoints, and ``--resume auto`` would go back to the old
+    line. They are moved to ``checkpoints/abandoned-TIME``, never deleted; returns that folder (None: none)."""
+    d = Path(out) / "checkpoints"
+    later = [c for c in ck.list_checkpoints(d) if int(c.name.split("-")[1]) > step]
+    best = d / "best"
+    if (best / ck.WEIGHTS).is_file():
+        try:
+            if ck.load_checkpoint(best, with_state=False).meta.get("step", 0) > step:
+                later.append(best)
+        except ck.CheckpointError:
+            pass
+    if not later:
+        return None
+    aside = d / f"abandoned-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    aside.mkdir()
+    for c in later:
+        os.replace(c, aside / c.name)
+    return aside
+
+
 def check_finished_resume(saved: dict[str, Any] | None, now: dict[str, Any], out: str, step: int) -> None:
     """A run resumed at its last step trains nothing: if this launch asks for settings that would have shaped its
     training (lr, schedule, weight decay...), its results would be reported, and its config.json rewritten, under
