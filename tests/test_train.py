@@ -460,3 +460,17 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tiny_cifar, tm
     new6 = weights(ckpts / "step-00000006")
     assert any(not torch.equal(a, b) for a, b in zip(old6.values(), new6.values()))
     assert any("moved to" in str(r.get("event", "")) for r in read_log(tmp_path / "log.jsonl"))
+
+
+def test_a_checkpoint_of_another_directory_starts_a_run_only_where_none_is(tiny_cifar, tmp_path):
+    """--resume OTHER/checkpoints/step-N --out DIR branches run OTHER into DIR: a DIR that holds a run of its own
+    is refused (its log and config.json would be cut back and rewritten), an empty one is fine."""
+    a = tiny_cfg(tiny_cifar, tmp_path / "a", steps=2, eval_every=2, checkpoint_every=2, log_every=1)
+    train(a)
+    train(dataclasses.replace(a, out=str(tmp_path / "b"), seed=1))
+    log_b = (tmp_path / "b" / "log.jsonl").read_text()
+    branch = dataclasses.replace(a, steps=4, resume=str(tmp_path / "a" / "checkpoints" / "step-00000002"))
+    with pytest.raises(RunDirError, match="already holds a run"):
+        train(dataclasses.replace(branch, out=str(tmp_path / "b")))
+    assert (tmp_path / "b" / "log.jsonl").read_text() == log_b
+    assert train(dataclasses.replace(branch, out=str(tmp_path / "c"))).step == 4

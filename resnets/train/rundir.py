@@ -235,6 +235,17 @@ class StoppedBySignal(Exception):
         return type(self), (self.signum, self.step, self.checkpoint, self.out, self.also)
 
 
+def _from_elsewhere(resume: str, out: Path) -> bool:
+    """Whether ``--resume`` names a checkpoint outside ``out`` (a run branched into a new directory)."""
+    if resume == "auto":
+        return False
+    try:
+        Path(resume).resolve().relative_to(out.resolve())
+        return False
+    except ValueError:
+        return True
+
+
 def own_run_dir(cfg, ctx) -> RunLock | None:
     """Take ``cfg.out``'s lock and check a fresh run does not mix with an old one; every rank raises the same
     RunDirError if rank 0 could not. Nothing is written to ``cfg.out`` before this succeeds."""
@@ -242,7 +253,8 @@ def own_run_dir(cfg, ctx) -> RunLock | None:
     if ctx.is_main:
         try:
             lock = RunLock(cfg.out).__enter__()
-            if cfg.resume is None:
+            if cfg.resume is None or _from_elsewhere(cfg.resume, Path(cfg.out)):
+                # (a checkpoint of another directory starts a run here: one already here must not be mixed in)
                 moved = check_fresh_start(Path(cfg.out), cfg.overwrite)
                 if moved:
                     print(moved, flush=True)
