@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -140,7 +141,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def train_config(args: argparse.Namespace):
     """The TrainConfig of ``resnets train``: the recipe (or the --config file) with the fields of the flags given."""
-    from .config import RECIPES, TrainConfig, recipe
+    from .config import RECIPES, TrainConfig, recipe, scale_milestones
 
     overrides = {f.name: getattr(args, f.name) for f in flag_fields()}     # None: not given
     overrides["model_kwargs"] = model_kwargs(args)
@@ -151,12 +152,14 @@ def train_config(args: argparse.Namespace):
         cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
         if overrides["steps"] is not None and overrides["epochs"] is None:
             cfg = dataclasses.replace(cfg, epochs=None)
-        late = [m for m in cfg.milestones if m >= cfg.steps]
-        if overrides["steps"] is not None and overrides["milestones"] is None and cfg.lr_schedule == "step" and late:
-            # a recipe scales its milestones to --steps; a config file's are the run's own, so they stay, and
-            # here some would never be reached
-            raise ValueError(f"--steps {cfg.steps} with {args.config}: its lr milestones {list(cfg.milestones)} are "
-                             f"not all below it, so the lr would not drop at {late}; give --milestones as well")
+        if overrides["steps"] is not None and overrides["milestones"] is None and cfg.lr_schedule == "step":
+            late = [m for m in cfg.milestones if m >= cfg.steps]
+            if cfg.resume is None:     # a new run from the file: as from a recipe, the lr drops at the same fractions
+                cfg = dataclasses.replace(cfg, milestones=scale_milestones(base, cfg.steps))
+            elif late:                 # a run taken on keeps its own milestones, reached or not
+                warnings.warn(f"--steps {cfg.steps} with --resume: the run's lr milestones {list(cfg.milestones)} "
+                              f"stay, and the lr will not drop at {late}; give --milestones to change them",
+                              stacklevel=2)
     else:
         overrides["model"] = args.model or (RECIPES[args.recipe].model if args.recipe in RECIPES else "resnet20")
         overrides["out"] = args.out or f"runs/{overrides['model']}"

@@ -215,12 +215,13 @@ def test_fp16_training_is_refused_with_the_reason(capsys):
                                                              .index("precision")].metadata["help"]
 
 
-def test_steps_over_a_config_file_keep_its_milestones_and_refuse_unreachable_ones(tmp_path):
-    """A recipe's milestones are scaled to --steps; a config file's are its run's own and stay, so a --steps
-    below them would train at the first lr throughout: refused, unless --milestones is given too."""
+def test_steps_over_a_config_file_scale_its_milestones_for_a_new_run_and_keep_them_for_a_resumed_one(tmp_path):
+    """A new run from a config file with another --steps keeps the lr schedule's shape, as over a recipe; a run
+    taken on keeps its own milestones, with a warning for those it will not reach."""
     f = tmp_path / "config.json"
     f.write_text(dataclasses.replace(RECIPES["cifar-paper"], out="runs/saved").to_json())
-    with pytest.raises(ValueError, match=r"milestones \[32000, 48000\] are not all below it.*\[32000, 48000\]"):
-        parse("--config", str(f), "--steps", "2000")
-    assert parse("--config", str(f), "--steps", "2000", "--milestones", "1000,1500").milestones == (1000, 1500)
-    assert parse("--config", str(f), "--steps", "80000").milestones == (32000, 48000)     # taken further
+    assert parse("--config", str(f), "--steps", "2000").milestones == (1000, 1500)
+    assert parse("--config", str(f), "--steps", "2000", "--milestones", "500,600").milestones == (500, 600)
+    assert parse("--config", str(f), "--steps", "80000", "--resume", "auto").milestones == (32000, 48000)
+    with pytest.warns(UserWarning, match=r"lr will not drop at \[48000\]"):
+        assert parse("--config", str(f), "--steps", "40000", "--resume", "auto").milestones == (32000, 48000)
