@@ -45,7 +45,7 @@ def test_shipped_weights_reproduce_their_errors_on_the_first_1000_test_images(mo
 
 
 def test_cifar10_names_the_best_measured_weights():
-    for model in ("resnet20", "plain20", "resnet32", "resnet44", "resnet56"):
+    for model in ("resnet20", "plain20", "resnet32", "resnet44", "resnet56", "resnet110"):
         best = min((p for p in pretrained.PRETRAINED.values() if p.model == model), key=lambda p: p.test_error)
         assert pretrained.resolve(model, "cifar10") == best
     assert pretrained.resolve("resnet20", "cifar10").tag == "cifar10-fast"
@@ -68,8 +68,8 @@ def test_models_listing_names_the_weights_that_load(capsys):
 
 
 def test_unknown_tag_and_mismatched_arguments_are_clear_errors():
-    with pytest.raises(ValueError, match="no shipped 'cifar10' weights for resnet110.*resnet20:cifar10"):
-        resnets.create_model("resnet110", weights="cifar10")
+    with pytest.raises(ValueError, match="no shipped 'cifar10' weights for resnet1202.*resnet20:cifar10"):
+        resnets.create_model("resnet1202", weights="cifar10")
     with pytest.raises(ValueError, match="drop .*num_classes"):
         resnets.create_model("resnet20", weights="cifar10", num_classes=100)
 

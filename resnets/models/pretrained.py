@@ -42,6 +42,7 @@ _FAST = "cifar-fast (not the paper), 50 epochs, 53 min on a 2-core CPU, 2026-11-
 _FAST32 = "cifar-fast (not the paper), 50 epochs, 95 min on a 2-core CPU, 2026-11-27"
 _FAST44 = "cifar-fast (not the paper), 50 epochs, 124 min on a 2-core CPU, 2026-11-27"
 _FAST56 = "cifar-fast (not the paper), 50 epochs, 291 min on a 2-core CPU (two launches), 2026-11-27"
+_FAST110 = "cifar-fast (not the paper), 50 epochs, 310 min on a 2-core CPU (three launches), 2026-11-27/28"
 
 # Measured runs only (docs/models.md). test_error: fp32 on a CPU, all 10,000 test images.
 PRETRAINED: dict[tuple[str, str], Pretrained] = {
@@ -58,11 +59,13 @@ PRETRAINED: dict[tuple[str, str], Pretrained] = {
                    "fbd0d3a9c69ff168b6c1fe7c299c2ccb7540ea2267a18d672c1619f625e2690d", 7.06, 67, _FAST44),
         Pretrained("resnet56", "cifar10-fast", "resnet56-cifar10-fast.safetensors",
                    "46d690ba5f9f4a9d8f96f46aa42a27910169f7cef4b9cd3f0c8ac45036ca643c", 7.27, 77, _FAST56),
+        Pretrained("resnet110", "cifar10-fast", "resnet110-cifar10-fast.safetensors",
+                   "7ec2cbc05b9718d1e8b82c326ae634dc2c06bbf9d74a4363ca1f06e1f5c2dfe5", 6.78, 59, _FAST110),
     ]}
 # "cifar10": the net's best measured weights
 ALIASES: dict[tuple[str, str], str] = {("resnet20", "cifar10"): "cifar10-fast", ("plain20", "cifar10"): "cifar10-paper",
                                        ("resnet32", "cifar10"): "cifar10-fast", ("resnet44", "cifar10"): "cifar10-fast",
-                                       ("resnet56", "cifar10"): "cifar10-fast"}
+                                       ("resnet56", "cifar10"): "cifar10-fast", ("resnet110", "cifar10"): "cifar10-fast"}
 
 
 def available(model: str | None = None) -> list[str]:
