@@ -60,7 +60,7 @@ PRETRAINED: dict[tuple[str, str], Pretrained] = {
         Pretrained("resnet56", "cifar10-fast", "resnet56-cifar10-fast.safetensors",
                    "46d690ba5f9f4a9d8f96f46aa42a27910169f7cef4b9cd3f0c8ac45036ca643c", 7.27, 77, _FAST56),
         Pretrained("resnet110", "cifar10-fast", "resnet110-cifar10-fast.safetensors",
-                   "7ec2cbc05b9718d1e8b82c326ae634dc2c06bbf9d74a4363ca1f06e1f5c2dfe5", 6.78, 59, _FAST110),
+                   "d97173bb00fc3b4c9c63ac646f9111b4f48ad0bb369f6f6f93f5768cc0e43a9b", 6.78, 59, _FAST110),
     ]}
 # "cifar10": the net's best measured weights
 ALIASES: dict[tuple[str, str], str] = {("resnet20", "cifar10"): "cifar10-fast", ("plain20", "cifar10"): "cifar10-paper",
