@@ -33,7 +33,7 @@ from ..models.paper import TABLE6_ERROR, TABLE6_PARAMS_M, TABLE6_RESNET110_MEAN_
 from ..train import read_log
 from ..train import train as train_run
 from ..train.side_by_side import SideBySideError, StoppedBySignal, raise_run_errors
-from ..train.rundir import HOW_NOT_WHAT
+from ..train.rundir import HOW_NOT_WHAT, config_diffs
 from ..train.runtime import pick_runtime
 
 
@@ -87,10 +87,7 @@ def _finished(out: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     s, c = out / "summary.json", out / "config.json"
     if not (s.exists() and c.exists()):
         return None
-    old = TrainConfig.from_dict(json.loads(c.read_text())).to_dict()   # (older runs' spellings read as today's)
-    new = cfg.to_dict()
-    if {k: v for k, v in old.items() if k not in HOW_NOT_WHAT} != \
-            {k: v for k, v in new.items() if k not in HOW_NOT_WHAT}:
+    if config_diffs(json.loads(c.read_text()), cfg.to_dict(), set(HOW_NOT_WHAT)):
         return None
     summary = json.loads(s.read_text())
     # config.json is rewritten when a run is taken further, summary.json only when it ends: a summary of an

@@ -153,18 +153,22 @@ def set_aside_later_checkpoints(out: str | os.PathLike, step: int) -> Path | Non
     return aside
 
 
+def config_diffs(saved: dict[str, Any], now: dict[str, Any], skip: set[str]) -> list[str]:
+    """The fields outside ``skip`` in which a run's saved config and this launch's differ, each as a phrase."""
+    from ..config import TrainConfig
+
+    saved = TrainConfig.from_dict(saved).to_dict()     # (older runs' spellings read as today's)
+    return [f"{k}: {saved.get(k)!r} in the run, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+            if k not in skip and saved.get(k) != now.get(k)]
+
+
 def check_finished_resume(saved: dict[str, Any] | None, now: dict[str, Any], out: str, step: int) -> None:
     """A run resumed at its last step trains nothing: if this launch asks for settings that would have shaped its
     training (lr, schedule, weight decay...), its results would be reported, and its config.json rewritten, under
     settings they were not trained with. Refused before anything is written."""
     if not saved:
         return
-    from ..config import TrainConfig
-
-    saved = TrainConfig.from_dict(saved).to_dict()     # (older runs' spellings read as today's)
-    skip = set(HOW_NOT_WHAT) | set(_MOOT_WHEN_FINISHED)
-    diffs = [f"{k}: {saved.get(k)!r} in the run, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
-             if k not in skip and saved.get(k) != now.get(k)]
+    diffs = config_diffs(saved, now, set(HOW_NOT_WHAT) | set(_MOOT_WHEN_FINISHED))
     if diffs:
         raise RunDirError(f"{out}: its run ended at step {step}, so nothing would be trained with this launch's "
                           "settings, yet it differs in " + "; ".join(diffs) + ". Train those settings as a new run "
