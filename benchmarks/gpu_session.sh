@@ -3,19 +3,25 @@
 # every part writes what it has to $OUT as it goes, so a call cut short still brings numbers back.
 #
 #   ../shared/gpu/stage-cifar10 .devdata                  # here, once (.devdata is git-ignored)
-#   call 1  carry [".devdata/p1"]  bash benchmarks/gpu_session.sh sbs      # side by side vs one at a time (~2.5 min)
-#   call 2  carry [".devdata/p2"]  true                                    # the second third of CIFAR-10
-#   call 3  carry [".devdata/p3"]  bash .devdata/p3/assemble.sh .devdata && SEEDS=2 bash benchmarks/gpu_session.sh paper
-#   call 4  (if time is left)      BUDGET=150 bash benchmarks/gpu_session.sh suite
+#   The first sessions carried .devdata/p1, p2, p3 in three calls; since the tree reached 20 MiB they do not fit
+#   beside it, and benchmarks/gpu_stage.sh cuts them (and any checkpoints to resume) into parts that do.
 #
-# The next lent session (planned 2026-11-27, fifth session; issue 15), 15 min with start-up:
-#   call 1  carry [".devdata/p1"]  BUDGET=300 bash benchmarks/gpu_session.sh profile
-#   call 2  carry [".devdata/p2"]  true
-#   call 3  carry [".devdata/p3"]  bash .devdata/p3/assemble.sh .devdata && STACK=1 DEPTHS=20,32,44,56,110 LIMIT=420 \
-#           bash benchmarks/gpu_session.sh paper        # 31.4 ms per round on 2026-11-27, before the pinned copies;
-#                                                       # COMPILE=1 too if profile's compiled row pays for its compile
-#   Copy paper-results.tar.gz and paper-weights.tar.* into .devdata/resume: a later session resumes with
-#   RESUME_FROM=.devdata/resume (carry it in a call of its own, or two if over ~50 MiB).
+# The sixth session (2026-11-28, H200) ran `profile` (BUDGET=240) and `paper` (STACK=1 DEPTHS=20,32,44,56,110
+# LIMIT=470): the ten stacked reached step 16,942 of 64k at 26.5 ms per round, and their checkpoints came back
+# (kept in .devdata/resume on the developers' machine, outside git). docs/performance.md has the numbers.
+#
+# The next lent session (issue 15): take the ten on from step 16,942. 47k steps at 26.5 ms are ~21 min, so two
+# sessions; each call of 560 s trains ~20k steps. The three 44 MiB data folders no longer fit a call beside the
+# 20 MiB tree, so carry everything in the parts gpu_stage.sh makes (it prints the calls):
+#   bash benchmarks/gpu_stage.sh .devdata/resume                     # here: five parts with the checkpoints
+#   calls 1-4  carry [".devdata/stage/c0N"]  true
+#   call 5     carry [".devdata/stage/c05"]  bash benchmarks/gpu_stage.sh --unpack && RESUME_FROM=.devdata/resume-staged \
+#              STACK=1 DEPTHS=20,32,44,56,110 LIMIT=520 bash benchmarks/gpu_session.sh paper        # timeout_s 600
+#   Then replace .devdata/resume with the files that came back (paper-results.tar.gz, paper-weights.tar.*), and
+#   restage for the session after. If time is left for a second call (the machine still warm), the fixed
+#   `BUDGET=200 bash benchmarks/gpu_session.sh profile` (syncs in the steady state by line, the convolution
+#   widths each in a process of their own, the kernel profile and the layout variants that a failed capture
+#   stopped on 2026-11-28).
 #
 # sbs:   benchmarks/side_by_side.py (issue 15): the nine paper-preset nets, graphs only and end to end.
 # paper: `resnets reproduce cifar10 --preset paper --depths 20 --val-split 5000` (Sec. 4.2: 64k iterations on the
@@ -30,7 +36,7 @@
 #        CUDA_DEVICE_MAX_CONNECTIONS=32 (and fused SGD), then ResNet-50 with compile in the graph (run on
 #        2026-11-27 with --infer-cuda-graphs too, an option removed since); BUDGET seconds in all (default 470).
 # suite: benchmarks/gpu_suite.sh (graph vs eager losses, CIFAR graph speed, ResNet-50 vs torchvision/timm).
-# profile: (prepared 2026-11-27, fifth session, not yet run) side_by_side.py's parity check and graphs rows for the
+# profile: (run 2026-11-28 with a failed capture at 32 channels that stopped its later parts; fixed since) side_by_side.py's parity check and graphs rows for the
 #        nine with the autotuner on; benchmarks/stack_profile.py: syncs per step of stacked
 #        training (the pinned batch copies), grouped vs one net's
 #        convolutions, the nine stacked in NCHW and fp32, a kernel profile of the stacked step; then the nine x 5

@@ -10,15 +10,18 @@ per round against 46.01 ms one at a time, 2.00x, below the 2.3-3.6x predicted fr
 this order, each printed as soon as it is done and written to OUT/stack_profile.json:
 
 1. syncs: how often the CPU waits for the GPU in real stacked training (``train_side_by_side(stack=True)``,
-   synthetic CIFAR-format data), counted by ``torch.cuda.set_sync_debug_mode``. Until the fifth session every
-   run's batch made three blocking copies of its crop offsets and flips, each a wait for the GPU to drain (end to
-   end, a round of the nine was 4.9 ms slower than the graphs alone); now one pinned, non-blocking copy.
-   Expected: none per step, a few per log line and evaluation.
+   synthetic CIFAR-format data), counted by ``torch.cuda.set_sync_debug_mode`` in two trainings of different
+   lengths: their difference per step is the steady state, and each call is listed by the line of Python that
+   made it. Until the fifth session every run's batch made three blocking copies of its crop offsets and flips;
+   now one pinned, non-blocking copy. On 2026-11-28 one 60-step count (set-up included) gave 55 per step, which
+   could not tell set-up from steady state. Expected: none per step in the steady state.
 2. convs: one 3x3 convolution of G nets (G groups of C channels, batch 128, bf16) forward and backward, against
    one net's convolution run G times, and against the same G nets as one dense convolution whose weight is
    block-diagonal (G times the arithmetic, one ungrouped kernel; timed with a full weight, as a dense kernel does
    the same work whatever the values); channels_last and NCHW; each captured in a CUDA graph. Ratio = grouped /
-   (G x one net's): 1/G would be free width, 1 no gain.
+   (G x one net's): 1/G would be free width, 1 no gain. On 2026-11-28 the 32-channel capture failed inside cuDNN;
+   a width whose capture fails is timed again uncaptured, each call synchronised (its rows say captured: false).
+
 3. profile: the kernels of a few eager steps of the nine stacked and of the deepest (ResNet-110) alone, summed by
    kind (convolution, batch norm, optimizer, copy/cat, other), with the top kernels. GPU busy time per step
    against the captured step's wall time says whether the kernels or the gaps between them cost the time.
@@ -27,16 +30,19 @@ this order, each printed as soon as it is done and written to OUT/stack_profile.
    channels_last, and with ``torch.compile`` of the forward inside the graph (1.28x for one ResNet-56 on the
    H200; the stacked network compiles with no graph break on the CPU, untried on a GPU). Last, as compiling is
    slow.
+
+Each part, and each width of part 2, runs in a process of its own (see ``run_job``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -112,7 +118,8 @@ def conv_fwd_bwd(x: torch.Tensor, w: torch.Tensor, groups: int):
     return fn
 
 
-def convs_part(batch: int, gs: list[int], widths: list[tuple[int, int]], device, dtype, iters: int) -> list[dict]:
+def convs_part(batch: int, gs: list[int], widths: list[tuple[int, int]], device, dtype, iters: int,
+               capture: bool = True) -> list[dict]:
     cuda = device.type == "cuda"
     rows = []
     for c, hw in widths:
@@ -122,12 +129,12 @@ def convs_part(batch: int, gs: list[int], widths: list[tuple[int, int]], device,
                 w = (torch.randn(cout, cin // groups, 3, 3, device=device, dtype=dtype) * 0.1
                      ).contiguous(memory_format=fmt)
                 return conv_fwd_bwd(x, w, groups)
-            one = timed(make(c, c, 1), cuda, iters)
+            one = timed(make(c, c, 1), cuda, iters, capture=capture)
             for g in gs:
-                grouped = timed(make(g * c, g * c, g), cuda, iters)
+                grouped = timed(make(g * c, g * c, g), cuda, iters, capture=capture)
                 ones = [make(c, c, 1) for _ in range(g)]
-                separate = timed(lambda: [f() for f in ones], cuda, max(1, iters // g))
-                dense = timed(make(g * c, g * c, 1), cuda, iters)
+                separate = timed(lambda: [f() for f in ones], cuda, max(1, iters // g), capture=capture)
+                dense = timed(make(g * c, g * c, 1), cuda, iters, capture=capture)
                 rows.append({"C": c, "HW": hw, "layout": fmt_name, "G": g, "one_ms": one, "separate_ms": separate,
                              "grouped_ms": grouped, "dense_blockdiag_ms": dense,
                              "ratio_grouped_vs_separate": grouped / separate})
@@ -213,7 +220,8 @@ def profile_part(nets, batch: int, steps: int) -> dict:
     return res
 
 
-def syncs_part(nets, batch: int, steps: int, root: Path) -> dict:
+def _count_syncs(nets, batch: int, steps: int, root: Path) -> tuple[int, dict[str, int], float]:
+    """Synchronising calls in one stacked training of ``steps`` steps, by the line of Python that made them."""
     import warnings
     from side_by_side import synthetic_cifar
     from resnets.config import recipe
@@ -221,9 +229,10 @@ def syncs_part(nets, batch: int, steps: int, root: Path) -> dict:
     cuda = torch.cuda.is_available()
     cfgs = [recipe("cifar-paper", model=f"{n}20", model_kwargs={"depth": d}, steps=steps, seed=i, batch_size=batch,
                    milestones=(10 * steps,), eval_every=10 * steps, eval_subset=500, log_every=steps,
-                   checkpoint_every=0, progress=False, warmup_lr=None, out=str(root / f"{i}-{n}{d}"))
+                   checkpoint_every=0, progress=False, warmup_lr=None, out=str(root / f"{steps}-{i}-{n}{d}"))
             for i, (n, d) in enumerate(nets)]
     data = synthetic_cifar(max(20 * batch, 2000), 500)
+    repo = str(Path(__file__).resolve().parents[1]) + "/"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if cuda:
@@ -235,17 +244,71 @@ def syncs_part(nets, batch: int, steps: int, root: Path) -> dict:
             if cuda:
                 torch.cuda.set_sync_debug_mode("default")
         wall = time.perf_counter() - t0
-    syncs = [str(w.message).splitlines()[0][:100] for w in caught if "synchroniz" in str(w.message).lower()]
-    kinds: dict[str, int] = {}
-    for m in syncs:
-        kinds[m] = kinds.get(m, 0) + 1
-    res = {"runs": len(nets), "steps": steps, "wall_s": wall, "checked": cuda, "syncs": len(syncs),
-           "syncs_per_step": len(syncs) / steps, "kinds": kinds}
-    log(f"{len(nets)} runs stacked, {steps} steps: {len(syncs)} synchronising calls "
-        f"({res['syncs_per_step']:.2f} per step){'' if cuda else ' (not checked: no GPU)'}")
-    for m, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:8]:
-        log(f"  {n} x {m}")
+    where: dict[str, int] = {}
+    n = 0
+    for w in caught:
+        if "synchroniz" in str(w.message).lower() and "prototype" not in str(w.message):
+            n += 1
+            at = f"{w.filename.replace(repo, '')}:{w.lineno}"
+            where[at] = where.get(at, 0) + 1
+    return n, where, wall
+
+
+def syncs_part(nets, batch: int, steps: tuple[int, int], root: Path) -> dict:
+    """Two trainings that differ only in their number of steps: the difference of their counts is what each step
+    costs in the steady state, with set-up, capture, logging and the final evaluation taken out."""
+    cuda = torch.cuda.is_available()
+    (n1, w1, t1), (n2, w2, t2) = (_count_syncs(nets, batch, s, root) for s in steps)
+    per_step = (n2 - n1) / (steps[1] - steps[0])
+    steady = {k: (w2.get(k, 0) - w1.get(k, 0)) / (steps[1] - steps[0]) for k in set(w1) | set(w2)}
+    steady = {k: v for k, v in sorted(steady.items(), key=lambda kv: -kv[1]) if v}
+    res = {"runs": len(nets), "steps": list(steps), "syncs": [n1, n2], "wall_s": [t1, t2], "checked": cuda,
+           "syncs_per_step": per_step, "steady_by_line": steady,
+           "by_line": dict(sorted(w2.items(), key=lambda kv: -kv[1]))}
+    log(f"{len(nets)} runs stacked: {n1} synchronising calls in {steps[0]} steps, {n2} in {steps[1]}: "
+        f"{per_step:.2f} per step in the steady state{'' if cuda else ' (not checked: no GPU)'}")
+    for k, v in list(steady.items())[:8]:
+        log(f"  {v:.2f} per step at {k}")
+    for k, v in list(res["by_line"].items())[:8]:
+        log(f"  {v} in the {steps[1]}-step run at {k}")
     return res
+
+
+def jobs_for(parts: list[str], smoke: bool) -> list[str]:
+    widths = ["4x8"] if smoke else ["16x32", "32x16", "64x8"]
+    return [j for p in parts for j in ([f"convs:{w}" for w in widths] if p == "convs" else [p])]
+
+
+def run_job(job: str, smoke: bool, capture: bool, json_path: Path):
+    """One part (or one convolution width) in a process of its own: a CUDA graph capture that fails inside cuDNN
+    leaves the process's CUDA random generator in capture state (2026-11-28, H200), and every part after it in
+    that process failed with "Offset increment outside graph capture"."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--job", job, "--json", str(json_path)]
+    cmd += ["--smoke"] * smoke + ["--no-capture"] * (not capture)
+    return subprocess.run(cmd).returncode
+
+
+def child(job: str, smoke: bool, capture: bool) -> object:
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.backends.cudnn.benchmark = True      # as training does; "layouts" also times the stack without it
+    device = torch.device("cuda" if cuda else "cpu")
+    batch = 8 if smoke else 128
+    nets = [("resnet", 14), ("plain", 8)] if smoke else NINE
+    if job == "syncs":
+        with tempfile.TemporaryDirectory() as tmp:
+            return syncs_part(nets, batch, (3, 6) if smoke else (20, 60), Path(tmp))
+    if job.startswith("convs:"):
+        if capture and os.environ.get("STACK_PROFILE_FAIL_CAPTURE"):    # the test of the uncaptured retry
+            raise RuntimeError("capture failed (STACK_PROFILE_FAIL_CAPTURE)")
+        c, hw = (int(v) for v in job.split(":")[1].split("x"))
+        return convs_part(batch, [2] if smoke else [2, 5, 9], [(c, hw)], device,
+                          torch.bfloat16 if cuda else torch.float32, 2 if smoke else 20, capture)
+    if job == "profile":
+        return profile_part(nets, batch, 2 if smoke else 5)
+    if job == "layouts":
+        return layouts_part(nets, batch, 2 if smoke else 30)
+    raise ValueError(f"unknown job {job!r}")
 
 
 def main(argv=None) -> int:
@@ -253,47 +316,50 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("stack-profile-out"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes and nets, for any machine")
     p.add_argument("--parts", nargs="*", default=["syncs", "convs", "profile", "layouts"])
+    p.add_argument("--job", help=argparse.SUPPRESS)          # a child process: one part, or one width of convs
+    p.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--no-capture", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
-    if cuda:
-        torch.backends.cudnn.benchmark = True      # as training does; "layouts" also times the stack without it
     smoke = args.smoke or not cuda
-    device = torch.device("cuda" if cuda else "cpu")
-    batch = 8 if smoke else 128
+    if args.job:
+        args.json.write_text(json.dumps(child(args.job, smoke, not args.no_capture)))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
     nets = [("resnet", 14), ("plain", 8)] if smoke else NINE
     res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-           "cudnn_benchmark": torch.backends.cudnn.benchmark,
-           "date": time.strftime("%Y-%m-%d"), "smoke": smoke, "nets": [f"{n}-{d}" for n, d in nets], "errors": []}
+           "cudnn_benchmark": cuda, "date": time.strftime("%Y-%m-%d"), "smoke": smoke,
+           "nets": [f"{n}-{d}" for n, d in nets], "errors": []}
     log(f"[stack_profile] {res['device']}, torch {res['torch']}, smoke={smoke}")
-
-    def save():
-        (args.out / "stack_profile.json").write_text(json.dumps(res, indent=1))
-
-    def part(name, fn):
-        if name not in args.parts:
-            return
-        t0 = time.time()
-        try:
-            res[name] = fn()
-        except Exception as e:    # a part that fails must not lose the others' numbers
-            traceback.print_exc()
-            res["errors"].append(f"{name}: {type(e).__name__}: {e}")
-        log(f"[stack_profile] {name}: {time.time() - t0:.1f} s")
-        save()
-
+    headers = {
+        "convs": "\nconvolution 3x3 forward+backward, batch %d, ms:\n| C | HW | layout | G | one net | G nets one after "
+                 "another | G nets grouped | G nets dense block-diagonal | grouped / separate |\n|---|---|---|---|---|"
+                 "---|---|---|---|" % (8 if smoke else 128),
+        "layouts": "\nall %d nets stacked in one network, captured step, ms per round:\n| variant | ms | set-up s |\n"
+                   "|---|---|---|" % len(nets)}
+    shown = set()
     with tempfile.TemporaryDirectory() as tmp:
-        part("syncs", lambda: syncs_part(nets, batch, 6 if smoke else 60, Path(tmp)))
-    log("\nconvolution 3x3 forward+backward, batch %d, ms:\n| C | HW | layout | G | one net | G nets one after "
-        "another | G nets grouped | G nets dense block-diagonal | grouped / separate |\n|---|---|---|---|---|---|---|"
-        "---|---|" % batch)
-    part("convs", lambda: convs_part(batch, [2, 5, 9] if not smoke else [2], [(16, 32), (32, 16), (64, 8)]
-                                     if not smoke else [(4, 8)], device, torch.bfloat16 if cuda else torch.float32,
-                                     2 if smoke else 20))
-    part("profile", lambda: profile_part(nets, batch, 2 if smoke else 5))
-    log("\nall %d nets stacked in one network, captured step, ms per round:\n| variant | ms | set-up s |\n"
-        "|---|---|---|" % len(nets))
-    part("layouts", lambda: layouts_part(nets, batch, 2 if smoke else 30))     # last: it compiles the stack
+        for job in jobs_for(args.parts, smoke):
+            name = job.split(":")[0]
+            if name in headers and name not in shown:
+                log(headers[name])
+                shown.add(name)
+            t0, path, capture = time.time(), Path(tmp) / "job.json", True
+            path.unlink(missing_ok=True)
+            rc = run_job(job, smoke, capture, path)
+            if rc and name == "convs":
+                log(f"[stack_profile] {job}: failed with its timings captured; again, each call synchronised")
+                capture = False
+                rc = run_job(job, smoke, capture, path)
+            if rc or not path.exists():
+                res["errors"].append(f"{job}: exit {rc} (its traceback is above)")
+            elif name == "convs":
+                res.setdefault("convs", []).extend(dict(r, captured=capture and cuda)
+                                                   for r in json.loads(path.read_text()))
+            else:
+                res[name] = json.loads(path.read_text())
+            log(f"[stack_profile] {job}: {time.time() - t0:.1f} s")
+            (args.out / "stack_profile.json").write_text(json.dumps(res, indent=1))
     return 1 if res["errors"] else 0
 
 
