@@ -127,7 +127,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
     meta = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
     p.add_argument("--config", help="a JSON config, e.g. a run's config.json; the flags given override it")
-    p.add_argument("--recipe", default="cifar-paper", help=meta["recipe"]["help"])
+    p.add_argument("--recipe", help=meta["recipe"]["help"])
     add_model_args(p)                                       # model_kwargs
     groups: dict = {None: p}
     for f in flag_fields():
@@ -147,6 +147,9 @@ def train_config(args: argparse.Namespace):
     overrides["model_kwargs"] = model_kwargs(args)
     if args.config:
         base = TrainConfig.load(args.config)
+        if args.recipe is not None and args.recipe != base.recipe:
+            raise ValueError(f"--recipe {args.recipe} and --config {args.config} (recipe {base.recipe}) both give the "
+                             f"base settings; drop --recipe, or the flags that differ change the file's settings")
         # as over a recipe: model flags add to the file's model arguments, and --steps replaces its epochs
         overrides["model_kwargs"] = {**base.model_kwargs, **overrides["model_kwargs"]}
         cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -161,9 +164,10 @@ def train_config(args: argparse.Namespace):
                               f"stay, and the lr will not drop at {late}; give --milestones to change them",
                               stacklevel=2)
     else:
-        overrides["model"] = args.model or (RECIPES[args.recipe].model if args.recipe in RECIPES else "resnet20")
+        name = args.recipe or "cifar-paper"
+        overrides["model"] = args.model or (RECIPES[name].model if name in RECIPES else "resnet20")
         overrides["out"] = args.out or f"runs/{overrides['model']}"
-        cfg = recipe(args.recipe, **overrides)
+        cfg = recipe(name, **overrides)
     return dataclasses.replace(cfg, warmup_lr=None) if args.no_warmup else cfg
 
 

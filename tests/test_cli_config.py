@@ -142,9 +142,12 @@ def test_config_file_flags_override_it(tmp_path):
     f.write_text(saved.to_json())
     assert parse("--config", str(f)) == saved
     cfg = parse("--config", str(f), "--steps", "5", "--no-compile", "--channels-last", "--depth", "14",
-                "--no-warmup", "--recipe", "imagenet-paper")
+                "--no-warmup", "--recipe", "cifar-fast")      # the file's own recipe: nothing to choose between
     assert cfg == dataclasses.replace(saved, steps=5, compile=False, channels_last=True, model_kwargs={"depth": 14},
-                                      warmup_lr=None)   # --recipe picks a base without --config; ignored with it
+                                      warmup_lr=None)
+    # another recipe beside --config would be silently one or the other: refused, naming both
+    with pytest.raises(ValueError, match="--recipe imagenet-paper and --config .* \\(recipe cifar-fast\\)"):
+        parse("--config", str(f), "--recipe", "imagenet-paper")
 
 
 def test_config_files_of_earlier_versions_still_load(tmp_path):
