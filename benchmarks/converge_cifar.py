@@ -43,7 +43,8 @@ def report(out: Path, target: float | None = None, marks=(15, 30, 45, 60)) -> di
     rows = read_log(out / "log.jsonl")
     cfg = json.loads((out / "config.json").read_text())
     depth = cfg.get("model_kwargs", {}).get("depth") or int("".join(c for c in cfg["model"] if c.isdigit()) or 0)
-    target = target if target is not None else TABLE6_ERROR.get(depth)
+    if target is None and not cfg["model"].startswith("plain"):    # Table 6 lists ResNets only
+        target = TABLE6_ERROR.get(depth)
     rows = training_clock(rows)
     evals = [(r["elapsed_s"] / 60, r["error"], r["step"]) for r in rows if r["split"] in ("test", "val")]
     train = [(r["elapsed_s"] / 60, r["error"]) for r in rows if r["split"] == "train"]

@@ -286,3 +286,16 @@ def test_gpu_stage_cuts_the_data_into_parts_that_fit_beside_the_tree_and_unpacks
     r = subprocess.run(["bash", "benchmarks/gpu_stage.sh", str(tmp_path / "nothing")], cwd=repo, capture_output=True,
                        text=True, env=env)
     assert r.returncode == 2 and "lacks paper-results.tar.gz" in r.stderr
+
+
+def test_converge_report_targets_table6_for_resnets_only(tmp_path):
+    """Table 6 lists ResNets: a plain net of the same depth gets no paper target in the convergence report."""
+    import converge_cifar
+    rows = [{"step": 50, "split": "train", "error": 50.0, "elapsed_s": 10.0},
+            {"step": 100, "split": "test", "error": 30.0, "elapsed_s": 20.0}]
+    for model, target in (("plain20", None), ("resnet20", 8.75)):
+        out = tmp_path / model
+        out.mkdir()
+        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (out / "config.json").write_text(json.dumps({"model": model, "recipe": "cifar-fast", "model_kwargs": {}}))
+        assert converge_cifar.report(out)["target_error"] == target
