@@ -462,6 +462,19 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tiny_cifar, tm
     assert any("moved to" in str(r.get("event", "")) for r in read_log(tmp_path / "log.jsonl"))
 
 
+def test_checkpoint_meta_reads_the_header_alone(tmp_path, monkeypatch):
+    """Setting later checkpoints aside reads best's step: from the safetensors header, without its tensors."""
+    import resnets.train.checkpoint as ck
+    from resnets.models import create_model
+    path = ck.save_checkpoint(tmp_path / "best", create_model("resnet20", depth=8), meta={"step": 7, "model": "resnet20"})
+    full = load_checkpoint(path, with_state=False).meta
+    monkeypatch.setattr(ck, "load_file", lambda *a, **k: pytest.fail("tensors were read"))
+    assert ck.checkpoint_meta(path) == full and full["step"] == 7
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.safetensors"):
+        ck.checkpoint_meta(tmp_path / "junk.safetensors")
+
+
 def test_a_checkpoint_of_another_directory_starts_a_run_only_where_none_is(tiny_cifar, tmp_path):
     """--resume OTHER/checkpoints/step-N --out DIR branches run OTHER into DIR: a DIR that holds a run of its own
     is refused (its log and config.json would be cut back and rewritten), an empty one is fine."""

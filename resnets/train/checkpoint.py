@@ -189,6 +189,30 @@ def _load_pt(file: Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
 
 
+def _decode_meta(raw: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k in ("format", "preprocess_mode"):
+            continue
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    return meta
+
+
+def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's metadata (step, model, config...) from the safetensors header alone: no tensor is read."""
+    p = Path(path)
+    wfile = p / WEIGHTS if p.is_dir() else p
+    try:
+        from safetensors import safe_open
+        with safe_open(str(wfile), framework="pt") as f:
+            return _decode_meta(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{wfile}: not a readable safetensors file ({e})") from e
+
+
 def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True) -> Checkpoint:
     """Read a checkpoint directory, a ``model.safetensors`` file, or a ``.pt``/``.pth`` state_dict."""
     p = Path(path)
@@ -209,14 +233,7 @@ def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True) -> Chec
     tensors, raw = _load_safetensors(wfile)
     if raw.get("format") not in (None, FORMAT):
         raise CheckpointError(f"{wfile}: unknown checkpoint format {raw.get('format')!r} (expected {FORMAT})")
-    meta: dict[str, Any] = {}
-    for k, v in raw.items():
-        if k in ("format", "preprocess_mode"):
-            continue
-        try:
-            meta[k] = json.loads(v)
-        except json.JSONDecodeError:
-            meta[k] = v
+    meta = _decode_meta(raw)
     preprocess: dict[str, Any] = {}
     if "preprocess_mode" in raw:
         preprocess["mode"] = json.loads(raw["preprocess_mode"])

@@ -140,7 +140,7 @@ def set_aside_later_checkpoints(out: str | os.PathLike, step: int) -> Path | Non
     best = d / "best"
     if (best / ck.WEIGHTS).is_file():
         try:
-            if ck.load_checkpoint(best, with_state=False).meta.get("step", 0) > step:
+            if ck.checkpoint_meta(best).get("step", 0) > step:
                 later.append(best)
         except ck.CheckpointError:
             pass
