@@ -29,7 +29,7 @@
 #        set. $OUT/paper-results.tar.gz: logs, results, figures; $OUT/paper-weights.tar: the last checkpoints.
 #        LIMIT (seconds, default 420) stops training and still packs what is there (resumable from those
 #        checkpoints with --resume, which reproduce does by itself). The checkpoints come back as
-#        $OUT/paper-weights.tar.aa, .ab, ... (15 MiB parts); copy them and paper-results.tar.gz into a git-ignored
+#        $OUT/paper-weights.tar.aa, .ab, ... (parts just under 16 MiB); copy them and paper-results.tar.gz into a git-ignored
 #        folder, carry it (in two calls if over ~50 MiB with the tree), and RESUME_FROM=that/folder goes on from them.
 #        COMPILE=1 adds --compile; STACK=1 --stack.
 # variants: benchmarks/gpu_step_variants.py (step variants, kernel profile), side_by_side.py with
@@ -72,8 +72,8 @@ case $what in
     echo "paper: exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/paper.log"
     (cd "$work" && tar czf "$OUT/paper-results.tar.gz" --exclude='checkpoints' reproduce)
     # Files come back at most 16 MiB each, 8 in all: the checkpoints (with momentum: ~65 MB for the ten runs of
-    # DEPTHS=20,32,44,56,110) in 15 MiB parts, so a later session can carry them back and resume (RESUME_FROM).
-    (cd "$work" && find reproduce -path '*/checkpoints/step-*' -type f | tar cf - -T - | split -b 15m - "$OUT/paper-weights.tar.")
+    # DEPTHS=20,32,44,56,110) in parts just under the 16 MiB a file may have (four, with device.txt, paper.log and the results: 7 of the 8 files), so a later session can carry them back and resume (RESUME_FROM).
+    (cd "$work" && find reproduce -path '*/checkpoints/step-*' -type f | tar cf - -T - | split -b 16000k - "$OUT/paper-weights.tar.")
     ls -la "$OUT" ;;
   variants)
     # 2026-11-27, second lent session: what the first left unmeasured, in priority order, each part bounded.
