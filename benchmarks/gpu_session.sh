@@ -72,7 +72,8 @@ case $what in
     echo "paper: exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/paper.log"
     (cd "$work" && tar czf "$OUT/paper-results.tar.gz" --exclude='checkpoints' reproduce)
     # Files come back at most 16 MiB each, 8 in all: the checkpoints (with momentum: ~65 MB for the ten runs of
-    # DEPTHS=20,32,44,56,110) in parts just under the 16 MiB a file may have (four, with device.txt, paper.log and the results: 7 of the 8 files), so a later session can carry them back and resume (RESUME_FROM).
+    # DEPTHS=20,32,44,56,110) in parts just under 16 MiB (four; with device.txt, paper.log and the results, 7
+    # files), so a later session can carry them back and resume (RESUME_FROM).
     (cd "$work" && find reproduce -path '*/checkpoints/step-*' -type f | tar cf - -T - | split -b 16000k - "$OUT/paper-weights.tar.")
     ls -la "$OUT" ;;
   variants)
