@@ -150,3 +150,33 @@ def test_side_by_side_refuses_shared_output_dirs(tiny_cifar, tmp_path):
     a, b, _ = cfgs(tiny_cifar, tmp_path)
     with pytest.raises(ValueError, match="output directory each"):
         train_side_by_side([a, b.__class__(**{**b.to_dict(), "milestones": tuple(b.milestones), "out": a.out})])
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_one_runs_evaluation_is_left_out_of_every_runs_img_per_s(tiny_cifar, tmp_path, monkeypatch, stack):
+    """Runs side by side share one clock of pauses: while one run evaluates, the others do not train, so their
+    logged img/s leaves that time out too (on 2026-11-28 the ten stacked runs' logs dipped 17% at every
+    evaluation, for the other nine's evaluations). Each evaluation here takes 1000 s by a clock that the test
+    moves on."""
+    from types import SimpleNamespace
+    import resnets.train.log as log_mod
+    import resnets.train.loop as loop
+    offset = [0.0]
+    clock = SimpleNamespace(**{**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")},
+                               "perf_counter": lambda: time.perf_counter() + offset[0]})
+    monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(log_mod, "time", clock)
+    real = loop.evaluate_model
+
+    def slow(*a, **k):
+        offset[0] += 1000.0
+        return real(*a, **k)
+    monkeypatch.setattr(loop, "evaluate_model", slow)
+    data = load_cifar("cifar10", root=str(tiny_cifar), progress=False)
+    two = cfgs(tiny_cifar, tmp_path, steps=16, checkpoint_every=0)[:2]
+    train_side_by_side(two, data=data, stack=stack)
+    for c in two:
+        rows = [r for r in read_log(Path(c.out) / "log.jsonl") if r["split"] == "train"]
+        # the lines at steps 12 and 16 follow the evaluations of step 8 (a line at 8 is written before them)
+        assert [r["step"] for r in rows] == [4, 8, 12, 16]
+        assert all(4 * 32 / r["img_per_s"] < 100 for r in rows), (c.out, rows)   # > 1000 s if one counted

@@ -394,18 +394,29 @@ def test_images_per_second_count_training_time_only_across_pauses_and_resumes(mo
     w.leave_out(since)
     w.add(one, one.long(), 100)
     now["t"] = 20.0
-    assert w.totals(ctx, 100)[2] / (now["t"] - w.t) == 300 / 15
+    assert w.totals(ctx, 100)[2] / w.seconds() == 300 / 15
     state = w.state(ctx)                 # a checkpoint at 20 s, resumed at 100 s
     now["t"] = 100.0
     resumed = log_mod.LogWindow(torch.device("cpu"))
     resumed.restore(state, ctx)
     resumed.add(one, one.long(), 100)
     now["t"] = 105.0
-    assert resumed.totals(ctx, 100)[2] / (now["t"] - resumed.t) == 400 / 20
+    assert resumed.totals(ctx, 100)[2] / resumed.seconds() == 400 / 20
     # skipped steps are the run's, whatever the number of processes it resumes on
     other = log_mod.LogWindow(torch.device("cpu"))
     other.restore({**state, "per_rank": state["per_rank"] * 2, "skipped": 3}, ctx)
     assert other.skipped == 3 and other.seen == 0
+    # runs side by side share their pauses: while one evaluates, the other does not train either
+    shared = log_mod.Pauses()
+    a, b, alone = (log_mod.LogWindow(torch.device("cpu"), p) for p in (shared, shared, None))
+    since = now["t"]
+    now["t"] += 4.0                      # a's evaluation
+    a.leave_out(since)
+    now["t"] += 1.0
+    assert a.seconds() == b.seconds() == 1.0 and alone.seconds() == 5.0
+    b.reset()                            # a line of b's: its next window starts after the pause
+    now["t"] += 2.0
+    assert b.seconds() == 2.0 and a.seconds() == 3.0
 
 
 def test_a_torn_last_log_line_does_not_block_the_resume(tiny_cifar, tmp_path):

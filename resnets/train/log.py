@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,17 +106,30 @@ def read_log(path: str | os.PathLike, torn_tail_ok: bool = False) -> list[dict[s
     return rows
 
 
+@dataclass
+class Pauses:
+    """Seconds spent outside training (evaluations, checkpoints) by any of the runs that share this object. Runs
+    trained side by side share one: while one run evaluates, the others do not train either, so their img/s must
+    leave that time out too."""
+    total: float = 0.0
+
+
 class LogWindow:
     """The training loss and error summed on the device between two log lines (no host sync per step), with the
-    time since the last line. Under torchrun each rank sums its own share; :meth:`totals` adds them up."""
+    training time since the last line. Under torchrun each rank sums its own share; :meth:`totals` adds them up."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, pauses: Pauses | None = None):
         self.device = device
         self.loss = torch.zeros((), device=device, dtype=torch.float32)
         self.wrong = torch.zeros((), device=device, dtype=torch.int64)
         self.seen = 0            # images this rank took into the sums
         self.skipped = 0         # steps skipped by on_nan="skip", over the whole run
-        self.t = time.perf_counter()
+        self.pauses = pauses if pauses is not None else Pauses()
+        self.t, self.paused_at_start = time.perf_counter(), self.pauses.total
+
+    def seconds(self) -> float:
+        """Training time since the last line: wall time less every pause taken meanwhile."""
+        return time.perf_counter() - self.t - (self.pauses.total - self.paused_at_start)
 
     def add(self, loss: torch.Tensor, wrong: torch.Tensor, n: int) -> None:
         self.loss += loss.float()
@@ -134,11 +148,12 @@ class LogWindow:
     def reset(self) -> None:
         self.loss.zero_()
         self.wrong.zero_()
-        self.seen, self.t = 0, time.perf_counter()
+        self.seen, self.t, self.paused_at_start = 0, time.perf_counter(), self.pauses.total
 
     def leave_out(self, since: float) -> None:
-        """Leave the time from ``since`` to now (an evaluation, a checkpoint) out of the window's training time."""
-        self.t += time.perf_counter() - since
+        """Leave the time from ``since`` to now (an evaluation, a checkpoint) out of the training time of this
+        window and of every window that shares its :class:`Pauses`."""
+        self.pauses.total += time.perf_counter() - since
 
     def state(self, ctx) -> dict[str, Any]:
         """Every rank's sums since the last line, for a checkpoint: a run resumed from it logs as if it never
@@ -146,7 +161,7 @@ class LogWindow:
         mine = torch.tensor([self.loss.item(), float(self.wrong.item()), float(self.seen)], dtype=torch.float64,
                             device=self.device if ctx.backend == "nccl" else "cpu")
         return {"per_rank": [[t[0].item(), int(t[1].item()), int(t[2].item())] for t in ctx.all_gather(mine)],
-                "skipped": self.skipped, "seconds": time.perf_counter() - self.t}
+                "skipped": self.skipped, "seconds": self.seconds()}
 
     def restore(self, state: dict[str, Any] | None, ctx) -> None:
         if not state:
@@ -157,4 +172,4 @@ class LogWindow:
             self.loss.fill_(loss)
             self.wrong.fill_(wrong)
             # the images already in the sums took this long before the stop (unknown in older checkpoints)
-            self.t = time.perf_counter() - state.get("seconds", 0.0)
+            self.t, self.paused_at_start = time.perf_counter() - state.get("seconds", 0.0), self.pauses.total

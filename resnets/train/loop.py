@@ -37,7 +37,7 @@ from . import checkpoint as ck
 from . import distributed as ddp
 from . import finetune
 from .evaluate import evaluate_model
-from .log import LogWindow, RunLog, summary_writer_class
+from .log import LogWindow, Pauses, RunLog, summary_writer_class
 from .rundir import GracefulStop, StoppedBySignal, agree, load_resume, own_run_dir, set_aside_later_checkpoints
 from .runtime import Runtime, pick_runtime
 from .schedule import learning_rate, resolve_steps, resolve_warmup
@@ -90,7 +90,7 @@ def run_to_end(steps: Iterator[int]) -> TrainResult:
 
 def train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
                 on_log: Callable[[dict[str, Any]], None] | None,
-                stop: GracefulStop | None = None) -> Generator[int, None, TrainResult]:
+                stop: GracefulStop | None = None, pauses: Pauses | None = None) -> Generator[int, None, TrainResult]:
     """The loop as a generator: it yields the number of steps done after every step and returns the
     :class:`TrainResult`. :func:`train` drives one to its end; :mod:`.side_by_side` interleaves several.
 
@@ -98,7 +98,7 @@ def train_steps(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
     when ``stop`` has caught SIGTERM/SIGINT, the loop writes a checkpoint after the current step and raises
     :class:`StoppedBySignal`."""
     with owned_run(cfg, ctx):
-        return (yield from loop_steps(setup(cfg, ctx, device, data, on_log), stop))
+        return (yield from loop_steps(setup(cfg, ctx, device, data, on_log, pauses), stop))
 
 
 @contextlib.contextmanager
@@ -184,7 +184,8 @@ class Run:
 
 
 def setup(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
-           on_log: Callable[[dict[str, Any]], None] | None) -> Run:
+          on_log: Callable[[dict[str, Any]], None] | None, pauses: Pauses | None = None) -> Run:
+    """Everything before the first step. ``pauses``: shared by runs trained side by side (:class:`Pauses`)."""
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -211,7 +212,7 @@ def setup(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
     meta = {"model": cfg.model, "model_kwargs": {"num_classes": n, **model.model_kwargs},
             "classes": source.classes, "dataset": source.name, "config": cfg.to_dict(),
             "world_size": ctx.world_size, "resnets_version": __version__, "torch_version": torch.__version__}
-    run = Run(cfg, lr_cfg, ctx, rt, source, model, optimizer, None, None, on_log, meta, LogWindow(rt.device),
+    run = Run(cfg, lr_cfg, ctx, rt, source, model, optimizer, None, None, on_log, meta, LogWindow(rt.device, pauses),
               warming=warmup_lr is not None, t_start=t_start, t_ckpt=t_start)
     if resume is not None:
         model.load_state_dict(resume.weights)
@@ -363,7 +364,7 @@ def _log_train(run: Run, done: int, lr: float, batch: int, bar) -> None:
     _stop_if_not_finite(run, done, loss_mean, batch)
     if run.rt.is_cuda:   # this run's stream only: runs side by side have streams of their own
         torch.cuda.current_stream(run.rt.device).synchronize()
-    dt = time.perf_counter() - w.t
+    dt = w.seconds()
     run.last_train = {"step": done, "split": "train", "loss": loss_mean, "error": 100.0 * wrong_all / seen_all,
                       "lr": lr, "img_per_s": seen_all / dt, "elapsed_s": time.perf_counter() - run.t_start}
     run.emit(run.last_train)

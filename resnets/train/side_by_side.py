@@ -34,6 +34,7 @@ import torch
 from ..config import TrainConfig
 from . import distributed as ddp
 from .loop import Run, TrainResult, loop_steps, owned_run, setup, train_steps
+from .log import Pauses
 from .rundir import GracefulStop, StoppedBySignal
 from .runtime import pick_runtime
 
@@ -94,16 +95,17 @@ def train_side_by_side(cfgs: list[TrainConfig], *, data=None,
     logs = [(lambda r, c=cfg: on_log(c, r)) if on_log is not None else None for cfg in cfgs]
     new_stream = (lambda: torch.cuda.Stream(rt.device)) if rt.is_cuda else (lambda: None)
     errors: dict[int, BaseException] = {}
+    pauses = Pauses()     # one run's evaluation or checkpoint is a pause in every run's training
     results: list[TrainResult | None] = [None] * len(cfgs)
     units: list[_Unit] = []
     try:
         with contextlib.ExitStack() as owned, stop:   # SIGTERM/SIGINT: every run checkpoints after its step
             if stack:
                 units = _stacked_units(cfgs, ctx, dev, data, logs, stop, owned, new_stream, errors,
-                                       by_depth=stack == "depth")
+                                       by_depth=stack == "depth", pauses=pauses)
             else:
-                units = [_Unit([i], _one(train_steps(cfg, ctx, dev, data, log, stop)), new_stream(), start_rng.clone())
-                         for i, (cfg, log) in enumerate(zip(cfgs, logs))]
+                units = [_Unit([i], _one(train_steps(cfg, ctx, dev, data, log, stop, pauses)), new_stream(),
+                               start_rng.clone()) for i, (cfg, log) in enumerate(zip(cfgs, logs))]
             try:
                 active = list(units)
                 while active:
@@ -143,7 +145,7 @@ def _one(steps: Generator[int, None, TrainResult]) -> Generator[int, None, list]
 
 
 def _stacked_units(cfgs, ctx, dev, data, logs, stop, owned: contextlib.ExitStack, new_stream,
-                   errors: dict[int, BaseException], by_depth: bool) -> list[_Unit]:
+                   errors: dict[int, BaseException], by_depth: bool, pauses: Pauses) -> list[_Unit]:
     """Set every run up (each owns its directory until ``owned`` closes), then one unit per stack of runs with
     equal :func:`.stacked.stack_key`, and one per run that stacks with none."""
     from .stacked import stack_key, stack_order, stacked_steps
@@ -152,7 +154,7 @@ def _stacked_units(cfgs, ctx, dev, data, logs, stop, owned: contextlib.ExitStack
         member = contextlib.ExitStack()
         try:
             member.enter_context(owned_run(cfg, ctx))
-            run = setup(cfg, ctx, dev, data, logs[i])
+            run = setup(cfg, ctx, dev, data, logs[i], pauses)
         except Exception as e:  # noqa: BLE001 - this run cannot start; the others do
             member.__exit__(type(e), e, e.__traceback__)
             errors[i] = e
