@@ -29,15 +29,15 @@
 #        set. $OUT/paper-results.tar.gz: logs, results, figures; $OUT/paper-weights.tar: the last checkpoints.
 #        LIMIT (seconds, default 420) stops training and still packs what is there (resumable from those
 #        checkpoints with --resume, which reproduce does by itself). The checkpoints come back as
-#        $OUT/paper-weights.tar.aa, .ab, ... (parts just under 16 MiB); copy them and paper-results.tar.gz into a git-ignored
-#        folder, carry it (in two calls if over ~50 MiB with the tree), and RESUME_FROM=that/folder goes on from them.
+#        $OUT/paper-weights.tar.aa, .ab, ... (parts just under 16 MiB); copy them and paper-results.tar.gz into a
+#        git-ignored folder, carry it in benchmarks/gpu_stage.sh's parts, and RESUME_FROM=that/folder goes on.
 #        COMPILE=1 adds --compile; STACK=1 --stack.
 # variants: benchmarks/gpu_step_variants.py (step variants, kernel profile), side_by_side.py with
 #        CUDA_DEVICE_MAX_CONNECTIONS=32 (and fused SGD), then ResNet-50 with compile in the graph (run on
 #        2026-11-27 with --infer-cuda-graphs too, an option removed since); BUDGET seconds in all (default 470).
 # suite: benchmarks/gpu_suite.sh (graph vs eager losses, CIFAR graph speed, ResNet-50 vs torchvision/timm).
-# profile: (run 2026-11-28 with a failed capture at 32 channels that stopped its later parts; fixed since) side_by_side.py's parity check and graphs rows for the
-#        nine with the autotuner on; benchmarks/stack_profile.py: syncs per step of stacked
+# profile: (run 2026-11-28; a failed capture at 32 channels stopped its later parts, fixed since)
+#        side_by_side.py's parity check and graphs rows for the nine with the autotuner on; benchmarks/stack_profile.py: syncs per step of stacked
 #        training (the pinned batch copies), grouped vs one net's
 #        convolutions, the nine stacked in NCHW and fp32, a kernel profile of the stacked step; then the nine x 5
 #        seeds stacked (graphs), which the fifth session's `stack` call ran out of BUDGET for. BUDGET as below.

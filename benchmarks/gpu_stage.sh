@@ -21,12 +21,14 @@ resume=${1:-}
 for p in p1 p2 p3; do
   [ -d ".devdata/$p" ] || { echo "no .devdata/$p: run ../shared/gpu/stage-cifar10 .devdata first" >&2; exit 2; }
 done
-git check-ignore -q .devdata || { echo ".devdata must be ignored by git (it would travel with every call)" >&2; exit 2; }
+git check-ignore -q .devdata \
+  || { echo ".devdata must be ignored by git (it would travel with every call)" >&2; exit 2; }
 tree=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 stat -c %s 2>/dev/null \
         | awk '{s += $1} END {print s + 0}')
 limit=$(( ${GPU_CALL_LIMIT_MIB:-64} * 1024 * 1024 ))     # a call's carry limit (the tests set it lower)
 part=$(( limit - tree - 2 * 1024 * 1024 ))     # 2 MiB for the tar headers and what is committed before the calls
-[ "$part" -gt $(( 8 * 1024 * 1024 )) ] || { echo "the working tree ($tree bytes) leaves no room to carry data" >&2; exit 2; }
+[ "$part" -gt $(( 8 * 1024 * 1024 )) ] \
+  || { echo "the working tree ($tree bytes) leaves no room to carry data" >&2; exit 2; }
 rm -rf .devdata/stage
 mkdir -p .devdata/stage
 items=(p1 p2 p3)

@@ -288,13 +288,17 @@ def run_job(job: str, smoke: bool, capture: bool, json_path: Path):
     return subprocess.run(cmd).returncode
 
 
+def sizes(smoke: bool) -> tuple[int, list[tuple[str, int]]]:
+    """(batch, nets): the paper's, or tiny ones that check the script on any machine."""
+    return (8, [("resnet", 14), ("plain", 8)]) if smoke else (128, NINE)
+
+
 def child(job: str, smoke: bool, capture: bool) -> object:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.backends.cudnn.benchmark = True      # as training does; "layouts" also times the stack without it
     device = torch.device("cuda" if cuda else "cpu")
-    batch = 8 if smoke else 128
-    nets = [("resnet", 14), ("plain", 8)] if smoke else NINE
+    batch, nets = sizes(smoke)
     if job == "syncs":
         with tempfile.TemporaryDirectory() as tmp:
             return syncs_part(nets, batch, (3, 6) if smoke else (20, 60), Path(tmp))
@@ -326,15 +330,15 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(child(args.job, smoke, not args.no_capture)))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    nets = [("resnet", 14), ("plain", 8)] if smoke else NINE
+    batch, nets = sizes(smoke)
     res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
            "cudnn_benchmark": cuda, "date": time.strftime("%Y-%m-%d"), "smoke": smoke,
            "nets": [f"{n}-{d}" for n, d in nets], "errors": []}
     log(f"[stack_profile] {res['device']}, torch {res['torch']}, smoke={smoke}")
     headers = {
-        "convs": "\nconvolution 3x3 forward+backward, batch %d, ms:\n| C | HW | layout | G | one net | G nets one after "
-                 "another | G nets grouped | G nets dense block-diagonal | grouped / separate |\n|---|---|---|---|---|"
-                 "---|---|---|---|" % (8 if smoke else 128),
+        "convs": "\nconvolution 3x3 forward+backward, batch %d, ms:\n| C | HW | layout | G | one net | G nets one "
+                 "after another | G nets grouped | G nets dense block-diagonal | grouped / separate |\n"
+                 "|---|---|---|---|---|---|---|---|---|" % batch,
         "layouts": "\nall %d nets stacked in one network, captured step, ms per round:\n| variant | ms | set-up s |\n"
                    "|---|---|---|" % len(nets)}
     shown = set()

@@ -167,12 +167,13 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, meta: dict[str
     return final
 
 
-def _load_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _load_safetensors(file: Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, raw header metadata); ``tensors=False`` reads the header alone and returns no tensors."""
     try:
         from safetensors import safe_open
         with safe_open(str(file), framework="pt") as f:
             raw_meta = f.metadata() or {}
-        return load_file(str(file)), raw_meta
+        return (load_file(str(file)) if tensors else {}), raw_meta
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
 
@@ -204,13 +205,7 @@ def _decode_meta(raw: dict[str, str]) -> dict[str, Any]:
 def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's metadata (step, model, config...) from the safetensors header alone: no tensor is read."""
     p = Path(path)
-    wfile = p / WEIGHTS if p.is_dir() else p
-    try:
-        from safetensors import safe_open
-        with safe_open(str(wfile), framework="pt") as f:
-            return _decode_meta(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{wfile}: not a readable safetensors file ({e})") from e
+    return _decode_meta(_load_safetensors(p / WEIGHTS if p.is_dir() else p, tensors=False)[1])
 
 
 def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True) -> Checkpoint:
