@@ -7,21 +7,22 @@
 #   beside it, and benchmarks/gpu_stage.sh cuts them (and any checkpoints to resume) into parts that do.
 #
 # The sixth session (2026-11-28, H200) ran `profile` (BUDGET=240) and `paper` (STACK=1 DEPTHS=20,32,44,56,110
-# LIMIT=470): the ten stacked reached step 16,942 of 64k at 26.5 ms per round, and their checkpoints came back
-# (kept in .devdata/resume on the developers' machine, outside git). docs/performance.md has the numbers.
+# LIMIT=470): the ten stacked reached step 16,942 of 64k at 26.5 ms per round. Their checkpoints came back, but
+# into the git-ignored .devdata/resume, and the next session's checkout did not have them: lost. From now on a
+# session keeps them with benchmarks/gpu_keep.sh (in git's history, out of the tree that every call carries).
 #
-# The next lent session (issue 15): take the ten on from step 16,942. 47k steps at 26.5 ms are ~21 min, so two
-# sessions; each call of 560 s trains ~20k steps. The three 44 MiB data folders no longer fit a call beside the
-# 20 MiB tree, so carry everything in the parts gpu_stage.sh makes (it prints the calls):
-#   bash benchmarks/gpu_stage.sh .devdata/resume                     # here: five parts with the checkpoints
-#   calls 1-4  carry [".devdata/stage/c0N"]  true
-#   call 5     carry [".devdata/stage/c05"]  bash benchmarks/gpu_stage.sh --unpack && RESUME_FROM=.devdata/resume-staged \
-#              STACK=1 DEPTHS=20,32,44,56,110 LIMIT=520 bash benchmarks/gpu_session.sh paper        # timeout_s 600
-#   Then replace .devdata/resume with the files that came back (paper-results.tar.gz, paper-weights.tar.*), and
-#   restage for the session after. If time is left for a second call (the machine still warm), the fixed
-#   `BUDGET=200 bash benchmarks/gpu_session.sh profile` (syncs in the steady state by line, the convolution
-#   widths each in a process of their own, the kernel profile and the layout variants that a failed capture
-#   stopped on 2026-11-28).
+# The next lent session (issue 15): the ten from step 0 again (or from the step benchmarks/gpu_resume.txt names).
+# 64k steps at 26.5 ms are ~28 min, so three to four sessions; a call of 560 s trains ~20k steps.
+#   bash benchmarks/gpu_keep.sh restore .devdata/resume    # here, only if benchmarks/gpu_resume.txt exists
+#   bash benchmarks/gpu_stage.sh [.devdata/resume]         # the parts, and the calls to make
+#   calls 1..n-1  carry [".devdata/stage/c0N"]  true
+#   call n        carry [".devdata/stage/c0n"]  bash benchmarks/gpu_stage.sh --unpack && [RESUME_FROM=.devdata/resume-staged] \
+#                 STACK=1 DEPTHS=20,32,44,56,110 LIMIT=520 bash benchmarks/gpu_session.sh paper        # timeout_s 600
+#   Then, here: the files that came back (paper-results.tar.gz, paper-weights.tar.*) into .devdata/resume, and
+#   bash benchmarks/gpu_keep.sh save .devdata/resume "step N of 64k, CARD, DATE"   # before the session ends
+#   If time is left for a second call (the machine still warm), the fixed `BUDGET=200 bash
+#   benchmarks/gpu_session.sh profile` (syncs in the steady state by line, the convolution widths each in a process
+#   of their own, the kernel profile and the layout variants that a failed capture stopped on 2026-11-28).
 #
 # sbs:   benchmarks/side_by_side.py (issue 15): the nine paper-preset nets, graphs only and end to end.
 # paper: `resnets reproduce cifar10 --preset paper --depths 20 --val-split 5000` (Sec. 4.2: 64k iterations on the

@@ -115,3 +115,49 @@ def test_gpu_stage_cuts_the_data_into_parts_that_fit_beside_the_tree_and_unpacks
     r = subprocess.run(["bash", "benchmarks/gpu_stage.sh", str(tmp_path / "nothing")], cwd=repo, capture_output=True,
                        text=True, env=env)
     assert r.returncode == 2 and "lacks paper-results.tar.gz" in r.stderr
+
+
+def test_gpu_keep_saves_checkpoints_in_history_out_of_the_tree_and_restores_them(tmp_path):
+    """benchmarks/gpu_keep.sh: `save` leaves the working tree and HEAD's tree without the files (they would travel
+    with every device call), a fresh clone restores them byte for byte, and a wrong sum is refused."""
+    import shutil
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    shutil.copy(ROOT / "benchmarks" / "gpu_keep.sh", repo / "benchmarks")
+    (repo / "README.md").write_text("x\n")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(git + ["init", "-q"], cwd=repo, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-qm", "t"], cwd=repo, check=True)
+    (repo / "README.md").write_text("a change of the user's, not staged\n")
+    resume = tmp_path / "resume"
+    resume.mkdir()
+    files = {n: os.urandom(1 << 20) for n in ("paper-results.tar.gz", "paper-weights.tar.aa", "paper-weights.tar.ab")}
+    for n, data in files.items():
+        (resume / n).write_bytes(data)
+    keep = ["bash", "benchmarks/gpu_keep.sh"]
+    r = subprocess.run(keep + ["save", str(resume), "step 9 of 64k"], cwd=repo, capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 0, r.stderr
+    assert not (repo / "gpu-resume").exists()
+    tree = subprocess.run(["git", "ls-tree", "-r", "--name-only", "HEAD"], cwd=repo, capture_output=True,
+                          text=True, check=True).stdout.split()
+    assert sorted(tree) == ["README.md", "benchmarks/gpu_keep.sh", "benchmarks/gpu_resume.txt"]
+    assert (repo / "README.md").read_text() == "a change of the user's, not staged\n"    # left as it was
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    r = subprocess.run(keep + ["restore", str(tmp_path / "back")], cwd=clone, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "step 9 of 64k" in r.stdout
+    assert {p.name: p.read_bytes() for p in (tmp_path / "back").iterdir()} == files
+    record = clone / "benchmarks" / "gpu_resume.txt"
+    lines = record.read_text().splitlines()
+    record.write_text("\n".join(l.replace(l.split()[1], "0" * 64) if "paper-weights.tar.ab" in l else l
+                                for l in lines) + "\n")
+    r = subprocess.run(keep + ["restore", str(tmp_path / "again")], cwd=clone, capture_output=True, text=True)
+    assert r.returncode == 1 and "do not match" in r.stderr
+    r = subprocess.run(keep + ["save", str(tmp_path / "nothing"), "x"], cwd=repo, capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 2 and "lacks paper-results.tar.gz" in r.stderr
