@@ -7,6 +7,7 @@
     resnets evaluate --checkpoint PATH --data DIR [--ten-crop | --multi-scale]    (ImageFolder checkpoints)
     resnets reproduce cifar10 [--preset demo|paper] [--depths 20,32,44,56] [--seeds N] [--out DIR]
     resnets analyze responses --checkpoint PLAIN --checkpoint RESNET [--data DIR] [--out fig7.png]
+    resnets analyze responses --model plain20 --model resnet20 --model resnet110   # shipped weights
     resnets export --checkpoint PATH --format onnx|torchscript --out FILE [--opset N] [--static-batch]
     resnets predict --checkpoint PATH IMAGE... [--top-k 5] [--json]
 """
@@ -262,7 +263,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_analyze_responses(args: argparse.Namespace) -> int:
     from .experiments.responses import analyze_checkpoints, plot_responses
 
-    res = analyze_checkpoints(args.checkpoint, args.data, subset=args.subset, device=args.device)
+    from .models import pretrained
+
+    paths = list(args.checkpoint or [])
+    for spec in args.model or []:
+        name, _, tag = spec.partition(":")
+        paths.append(str(pretrained.checked_path(name, tag or "cifar10")))
+    if not paths:
+        raise ValueError("resnets analyze responses: give --checkpoint PATH or --model NAME[:TAG] (shipped: "
+                         f"{', '.join(pretrained.available()) or 'none'}), repeated for several nets")
+    res = analyze_checkpoints(paths, args.data, subset=args.subset, device=args.device)
     path = plot_responses(res, args.out)
     for r in res:
         print(f"{r['label']:>12}: {len(r['std'])} layers, mean std {sum(r['std']) / len(r['std']):.4f}, "
@@ -359,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="analyses of trained nets")
     asub = a.add_subparsers(dest="analysis", required=True)
     ar = asub.add_parser("responses", help="Fig. 7: std of each 3x3 layer's response, plain vs ResNet")
-    ar.add_argument("--checkpoint", action="append", required=True, help="a checkpoint (repeat for several nets)")
+    ar.add_argument("--checkpoint", action="append", help="a checkpoint (repeat for several nets)")
+    ar.add_argument("--model", action="append", metavar="NAME[:TAG]",
+                    help="a net's shipped weights (TAG defaults to cifar10; repeat for several nets)")
     ar.add_argument("--data", help="directory with the data set")
     ar.add_argument("--subset", type=int, help="only the first N test images")
     ar.add_argument("--device", default="auto")

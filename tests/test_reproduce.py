@@ -105,6 +105,25 @@ def test_cli_analyze_responses(tiny_cifar, tiny_experiment, tmp_path, capsys):
     assert len(data) == 2 and all(len(d["std"]) == 6 and min(d["std"]) > 0 for d in data)
 
 
+def test_cli_analyze_responses_of_shipped_weights(tiny_cifar, tmp_path, capsys):
+    """--model NAME[:TAG] analyses the shipped weights (cifar10 by default) beside any --checkpoint; with neither,
+    or an unknown tag, a clear error."""
+    from resnets.cli import main
+
+    out = tmp_path / "f7.png"
+    capsys.readouterr()
+    assert main(["analyze", "responses", "--data", str(tiny_cifar), "--subset", "50", "--out", str(out),
+                 "--model", "plain20", "--model", "resnet20:cifar10-paper"]) == 0
+    printed = capsys.readouterr().out
+    assert "plain-20" in printed and "ResNet-20" in printed and "plain20-cifar10-paper" in printed
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [d["label"] for d in data] == ["plain-20", "ResNet-20"] and all(len(d["std"]) == 18 for d in data)
+    assert main(["analyze", "responses", "--data", str(tiny_cifar)]) == 2
+    assert "give --checkpoint PATH or --model NAME[:TAG]" in capsys.readouterr().err
+    assert main(["analyze", "responses", "--data", str(tiny_cifar), "--model", "resnet20:imagenet"]) == 2
+    assert "no shipped 'imagenet' weights for resnet20" in capsys.readouterr().err
+
+
 def test_a_run_taken_further_is_not_reused_from_its_earlier_end(tiny_cifar, tmp_path):
     """A run's config.json is rewritten when a longer --steps takes it further, its summary.json and test.json
     only at its end: stopped on the way, the earlier end's numbers must not stand for the longer run. A shorter
