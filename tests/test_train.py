@@ -192,6 +192,40 @@ def test_warmup_switches_back_to_base_lr(tiny_cifar, tmp_path):
     assert set(lrs[:k]) == {0.01} and set(lrs[k:]) == {0.1}
 
 
+def test_warmup_ends_at_the_next_read_of_the_test_and_resumes_mid_read(tiny_cifar, tmp_path):
+    """The warm-up test reads the errors every 10 steps (one host sync for ten): the warm-up ends at the first
+    multiple of 10 at or after the step where the mean of the last 20 batches fell below the threshold. A run
+    stopped between that step and the read, and resumed, ends its warm-up at the same step."""
+    kw = dict(warmup_lr=0.01, milestones=(1000,), log_every=1, eval_every=1000, checkpoint_every=1000)
+    logs = []
+    train(tiny_cfg(tiny_cifar, tmp_path / "probe", steps=40, warmup_until_error=0.001, warmup_max_steps=100, **kw),
+          on_log=logs.append)
+    errors = [r["error"] / 100 for r in logs if r["split"] == "train"]
+    means = {s: sum(errors[s - 20:s]) / 20 for s in range(20, 41)}       # after step s, at lr 0.01 throughout
+    # a step not divisible by 10 whose mean is below all before it: a threshold between the two crosses there
+    cross = next(s for s in range(21, 40) if s % 10 and means[s] < min(means[t] for t in range(20, s)))
+    threshold = (means[cross] + min(means[t] for t in range(20, cross))) / 2
+    read = -(-cross // 10) * 10
+
+    def lrs_and_event(out, steps, **more):
+        rows = []
+        train(tiny_cfg(tiny_cifar, out, steps=steps, warmup_until_error=threshold, warmup_max_steps=100, **kw,
+                       **more), on_log=rows.append)
+        return rows
+
+    unbroken = lrs_and_event(tmp_path / "unbroken", 40)
+    assert [r["step"] for r in unbroken if r["split"] == "event"] == [read]
+    lrs = [r["lr"] for r in unbroken if r["split"] == "train"]
+    assert set(lrs[:read]) == {0.01} and set(lrs[read:]) == {0.1}
+    lrs_and_event(tmp_path / "broken", cross)                      # stops at the crossing, before the read
+    st = load_checkpoint(tmp_path / f"broken/checkpoints/step-{cross:08d}").state
+    assert st["warming_up"] and st["warmup_met"]           # met, not yet acted on: the checkpoint keeps that
+    lrs_and_event(tmp_path / "broken", 40, resume="auto")
+    log = read_log(tmp_path / "broken" / "log.jsonl")
+    assert [r["step"] for r in log if r["split"] == "event"] == [read]
+    assert [r["lr"] for r in log if r["split"] == "train"] == lrs
+
+
 def test_cli_train_and_evaluate(tiny_cifar, tmp_path, capsys, monkeypatch):
     # in-process: `resnets` is cli.main; the process boundary (exit codes of `python -m resnets.cli`, signals) is
     # tested in tests/test_rundir.py and tests/test_reliability.py

@@ -145,6 +145,8 @@ class Run:
     start: int = 0
     warming: bool = False
     recent_wrong: deque = field(default_factory=lambda: deque(maxlen=20))   # for the warm-up test
+    warm_pending: list = field(default_factory=list)    # (wrong, batch) of steps the warm-up test has not read
+    warmup_met: bool = False           # the test's mean fell below warmup_until_error; acted on at its next read
     best: dict[str, Any] | None = None
     last_good: Path | None = None
     final: dict[str, Any] = field(default_factory=dict)
@@ -169,10 +171,11 @@ class Run:
         if path is None:
             self.t_ckpt = time.perf_counter()
         partial = self.window.state(self.ctx)
+        _read_warmup_errors(self)
         if not self.ctx.is_main:
             return None
         state = {"step": step, "optimizer": self.optimizer.state_dict(), "warming_up": self.warming,
-                 "recent_wrong": list(self.recent_wrong), "best": self.best, "rng": ck.rng_state(self.rt.device),
+                 "recent_wrong": list(self.recent_wrong), "warmup_met": self.warmup_met, "best": self.best, "rng": ck.rng_state(self.rt.device),
                  "log_partial": partial, "elapsed_s": time.perf_counter() - self.t_start}
         return ck.save_checkpoint(path or self.out / "checkpoints" / f"step-{step:08d}", self.model,
                                   meta={**self.meta, "step": step, "metrics": metrics},
@@ -222,6 +225,7 @@ def setup(cfg: TrainConfig, ctx: ddp.DistContext, device: str, data,
         run.start, run.best, run.last_good = st["step"], st.get("best"), resume.path
         run.warming = st["warming_up"] and warmup_lr is not None
         run.recent_wrong.extend(st.get("recent_wrong", []))
+        run.warmup_met = bool(st.get("warmup_met", False))
         ck.set_rng_state(st["rng"], rt.device)
         run.window.restore(st.get("log_partial"), ctx)
         if run.start >= cfg.steps and resume.meta.get("metrics"):   # finished: its last evaluation is the final one
@@ -343,19 +347,42 @@ def close(run: Run, bar=None) -> None:
     run.source.close()
 
 
+# The warm-up test reads the training error every 10 steps, one host sync for ten: on a GPU a sync every step
+# keeps the host from queueing the next step, and plain-110 warms up for all of its 2,000 steps (the longest), which
+# cost ~10 s of a stacked paper preset on an H200 (docs/performance.md).
+WARMUP_TEST_EVERY = 10
+
+
 def _warmup_test(run: Run, done: int, wrong: torch.Tensor, batch: int) -> None:
     """Sec. 4.2: ResNet-110 trains at lr 0.01 "until the training error is below 80%" (here: the mean over the
-    last 20 batches), then at the recipe's lr. Under torchrun the test sees the global batch, so all ranks
-    switch together."""
-    if run.ctx.enabled:
-        w = run.ctx.all_reduce_sum(wrong.double().reshape(1)).item()
-        run.recent_wrong.append(w / (batch * run.ctx.world_size))
-    else:
-        run.recent_wrong.append(wrong.item() / batch)
-    r = run.recent_wrong
-    if len(r) == r.maxlen and sum(r) / len(r) < run.cfg.warmup_until_error or done >= run.cfg.warmup_max_steps:
+    last 20 batches), then at the recipe's lr. The test is read every WARMUP_TEST_EVERY steps, so the warm-up ends
+    at the first multiple of 10 at or after the step whose mean fell below the threshold (or at
+    warmup_max_steps). Under torchrun the test sees the global batch, so all ranks switch together."""
+    run.warm_pending.append((wrong, batch))
+    if done % WARMUP_TEST_EVERY and done < run.cfg.warmup_max_steps:
+        return
+    _read_warmup_errors(run)
+    if run.warmup_met or done >= run.cfg.warmup_max_steps:
         run.warming = False
         run.emit({"step": done, "split": "event", "event": f"warm-up done at step {done}"})
+
+
+def _read_warmup_errors(run: Run) -> None:
+    """The pending steps' errors into the test's window, in one host sync (a checkpoint reads them too, so that
+    it holds them), noting whether the mean of the last 20 fell below the threshold after any of them. Every rank
+    calls this at the same steps."""
+    if not run.warm_pending:
+        return
+    wrong = torch.stack([w.double().reshape(()) for w, _ in run.warm_pending])
+    batches = [b for _, b in run.warm_pending]
+    run.warm_pending.clear()
+    if run.ctx.enabled:
+        wrong = run.ctx.all_reduce_sum(wrong)
+    r = run.recent_wrong
+    for w, b in zip(wrong.tolist(), batches):
+        r.append(w / (b * run.ctx.world_size))
+        if len(r) == r.maxlen and sum(r) / len(r) < run.cfg.warmup_until_error:
+            run.warmup_met = True
 
 
 def _log_train(run: Run, done: int, lr: float, batch: int, bar) -> None:
