@@ -289,7 +289,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     res = export(args.checkpoint, model=args.model, weights=args.weights, fmt=args.format, out=args.out,
                  opset=args.opset, dynamic_batch=not args.static_batch,
                  batch_size=1 if args.batch_size is None else args.batch_size,
-                 image_size=args.image_size, tolerance=args.tolerance, verify=not args.no_verify)
+                 image_size=args.image_size, tolerance=args.tolerance, verify=not args.no_verify,
+                 stride_in=args.stride_in)
     print(res.summary(), file=sys.stdout if res.ok else sys.stderr)
     return 0 if res.ok else 1
 
@@ -383,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--model", help="a name from `resnets models` (without --checkpoint: random or --weights)")
     x.add_argument("--weights", help="with --model: shipped weights (e.g. cifar10), 'torchvision', "
                    "'torchvision:IMAGENET1K_V1', or a weights file")
+    x.add_argument("--stride-in", choices=["1x1", "3x3"],
+                   help="with --model: the bottleneck layout of a bare state dict, 1x1 (paper, v1) or 3x3 (v1.5)")
     x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     x.add_argument("--out", required=True, help="file to write")
     x.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")

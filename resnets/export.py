@@ -141,18 +141,23 @@ def _torchvision_source(net: nn.Module, model: str, weights: str) -> ExportSourc
 
 
 def load_source(checkpoint: str | os.PathLike | None = None, model: str | None = None,
-                weights: str | None = None) -> ExportSource:
+                weights: str | None = None, stride_in: str | None = None) -> ExportSource:
     """The network to export with its class names and preprocessing: from a checkpoint (a resnets checkpoint, or a
     bare torchvision state_dict file, read with weights_only=True), or from a model name with random or published
-    weights (``weights``: None, "torchvision", "torchvision:TAG", a shipped tag such as "cifar10", or a file)."""
+    weights (``weights``: None, "torchvision", "torchvision:TAG", a shipped tag such as "cifar10", or a file).
+    ``stride_in``: the bottleneck layout of a bare state dict loaded into ``model`` (it cannot say so itself)."""
+    layout = {"stride_in": stride_in} if stride_in else {}
     if checkpoint is not None:
         if weights is not None:
             raise ValueError("give --weights with --model, not with --checkpoint")
         c = ck.load_checkpoint(checkpoint, with_state=False)
+        if stride_in and (c.model_name or not model):
+            raise ValueError("--stride-in is for a bare state dict loaded into --model NAME" +
+                             (f"; the checkpoint {c.path} says its own layout" if c.model_name else ""))
         if not c.model_name and model and torchvision_file_tag(model, checkpoint):
             net = create_model(model, weights=checkpoint)   # torchvision's file by its name: its layout (v1.5)
         elif c.model_name or model:
-            net = ck.model_from_checkpoint(c, model)
+            net = ck.model_from_checkpoint(c, model, **layout)
         else:
             try:  # a bare state_dict: torchvision's (or timm's plain) ResNet layout names its own architecture
                 net = from_torchvision(c.weights)
@@ -166,7 +171,7 @@ def load_source(checkpoint: str | os.PathLike | None = None, model: str | None =
     elif model is None:
         raise ValueError("give --checkpoint PATH or --model NAME")
     else:
-        net = create_model(model, weights=weights)
+        net = create_model(model, weights=weights, **layout)
         by_path = torchvision_file_tag(model, weights)
         if isinstance(weights, str) and weights.split(":", 1)[0] == "torchvision":
             src = _torchvision_source(net, model, weights)
@@ -448,10 +453,10 @@ def export_model(model: nn.Module | ExportSource, out: str | os.PathLike, fmt: s
 def export(checkpoint: str | os.PathLike | None = None, *, model: str | None = None, weights: str | None = None,
            fmt: str = "onnx", out: str | os.PathLike, opset: int | None = None, dynamic_batch: bool = True,
            image_size: int | None = None, batch_size: int = 1, tolerance: float = TOLERANCE,
-           verify: bool = True) -> ExportResult:
+           verify: bool = True, stride_in: str | None = None) -> ExportResult:
     """``resnets export``: build the network from a checkpoint (or a name), export it with its class names and
     preprocessing, check the file."""
     _check_out(Path(out), fmt)   # before the (slow) model load
-    src = load_source(checkpoint, model, weights)
+    src = load_source(checkpoint, model, weights, stride_in)
     return export_model(src, out, fmt, image_size=image_size, batch_size=batch_size, opset=opset,
                         dynamic_batch=dynamic_batch, verify=verify, tolerance=tolerance)

@@ -375,6 +375,45 @@ def test_torchvision_file_downloaded_by_hand_builds_torchvision_layout(tmp_path,
     assert resnets.models.registry.torchvision_file_tag("resnet50", tmp_path / "mine.pth") is None
 
 
+def test_a_bare_state_dict_must_say_its_bottleneck_layout(tmp_path, capsys):
+    """torchvision's ResNet-50 weights under another file name fit our paper-layout (v1) ResNet-50 too: same
+    shapes, other outputs. A bare state dict into a bottleneck net is refused until stride_in is given; a
+    resnets checkpoint brings its own layout; basic-block nets have one layout and load as before."""
+    from resnets.export import load_source
+    from resnets.train.finetune import load_initial
+    torch.manual_seed(0)
+    tv = randomize_bn(torchvision.models.resnet50()).eval()
+    mine = tmp_path / "mine.pth"
+    torch.save(tv.state_dict(), mine)
+    with pytest.raises(ValueError, match="bare state dict for resnet50.*stride_in='3x3' or '1x1'"):
+        create_model("resnet50", weights=str(mine))
+    with pytest.raises(ValueError, match="bare state dict for resnet50"):
+        load_initial("resnet50", str(mine), {})
+    assert main(["export", "--checkpoint", str(mine), "--model", "resnet50", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "bare state dict for resnet50" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = tv(x)
+        for net in (create_model("resnet50", weights=str(mine), stride_in="3x3"),
+                    load_initial("resnet50", str(mine), {"stride_in": "3x3"}).model,
+                    load_source(checkpoint=mine, model="resnet50", stride_in="3x3").net):
+            torch.testing.assert_close(net.eval()(x), want, rtol=1e-4, atol=1e-4)
+        v1 = create_model("resnet50", weights=str(mine), stride_in="1x1").eval()
+        assert v1.stride_in == "1x1" and not torch.allclose(v1(x), want, rtol=1e-2, atol=1e-2)
+    ours = create_model("resnet50", stride_in="3x3", num_classes=10)
+    save_checkpoint(tmp_path / "ck", ours, meta={"model": "resnet50", "model_kwargs": {"num_classes": 10,
+                                                                                        "stride_in": "3x3"}})
+    back = create_model("resnet50", weights=str(tmp_path / "ck"), num_classes=10)
+    assert back.stride_in == "3x3"
+    with pytest.raises(ValueError, match="stride_in='3x3' \\(its checkpoint says so\\); drop stride_in='1x1'"):
+        create_model("resnet50", weights=str(tmp_path / "ck"), num_classes=10, stride_in="1x1")
+    with pytest.raises(ValueError, match="says its own layout"):
+        load_source(checkpoint=tmp_path / "ck", stride_in="3x3")
+    r18 = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), r18)
+    assert create_model("resnet18", weights=str(r18)).fc.out_features == 1000
+
+
 def test_predict_reads_images_as_training_does(tmp_path):
     """16-bit PNGs scaled (not clipped) to 8 bits and EXIF orientation applied, by predict's PIL path and the
     training decoder alike."""

@@ -3,9 +3,10 @@ published ImageNet weights by name (``weights="torchvision"``)."""
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
@@ -219,7 +220,8 @@ def _download_state_dict(url: str, name: str, progress: bool, file_name: str | N
                                    f"({e}); nothing was cached. {todo}") from None
 
 
-def _load_weights(model: nn.Module, name: str, weights: Any, weights_url: str | None, progress: bool) -> None:
+def _load_weights(model: nn.Module, name: str, weights: Any, weights_url: str | None, progress: bool,
+                  layout_unsaid: bool = False) -> None:
     from .convert import load_state_dict_file
 
     if isinstance(weights, str) and weights.split(":", 1)[0] == "torchvision":
@@ -236,6 +238,8 @@ def _load_weights(model: nn.Module, name: str, weights: Any, weights_url: str | 
         if torchvision_file_tag(name, weights) and os.path.isfile(weights):   # torchvision's file: its hash is known
             check_torchvision_file(weights, os.path.basename(os.fspath(weights)))
         sd, source = load_state_dict_file(weights), os.fspath(weights)
+        if layout_unsaid:
+            refuse_unsaid_layout(name, weights)
     else:
         raise ValueError(f"weights must be None, a shipped tag such as 'cifar10', 'torchvision', 'torchvision:TAG' "
                          f"or a file path; got {weights!r}")
@@ -247,6 +251,64 @@ def _load_weights(model: nn.Module, name: str, weights: Any, weights_url: str | 
         lines = str(e).splitlines()
         raise ValueError(f"{source} do not fit {name}{model.model_kwargs or ''}: "
                          f"{lines[1].strip() if len(lines) > 1 else e}") from None
+
+
+def bottleneck_layout_unsaid(name: str, overrides: Mapping[str, Any]) -> bool:
+    """Whether ``name`` with ``overrides`` has bottleneck blocks whose stride may sit on either convolution
+    (ResNet v1, the paper's, or v1.5) and nobody said which: ResNeXt and wide ResNets are always v1.5."""
+    spec = get_spec(name)
+    depth = overrides.get("depth", spec.defaults.get("depth", 0))
+    return (spec.family == "imagenet" and "stride_in" not in spec.defaults and "stride_in" not in overrides
+            and isinstance(depth, int) and depth >= 50)
+
+
+def refuse_unsaid_layout(name: str, source: Any, option: str = "stride_in='3x3' or '1x1' (command line: "
+                         "--stride-in)") -> None:
+    """A bare state dict (no resnets metadata) cannot tell ResNet v1 from v1.5: the tensors have the same shapes,
+    and loaded into the other layout the net runs but computes something else (torchvision's ResNet-50 weights in
+    the paper's layout lose accuracy with no error). So the layout must be said, unless the file is torchvision's
+    by its name (torchvision_file_tag)."""
+    raise ValueError(f"{os.fspath(source)}: a bare state dict for {name}, whose bottleneck blocks come in two "
+                     "layouts with the same tensors: ResNet v1 (the stride on each block's first 1x1 convolution, "
+                     "the paper's) and v1.5 (on the 3x3: torchvision's and timm's weights). The file cannot say "
+                     f"which, and in the wrong one the net would run but compute something else. Give {option}.")
+
+
+def _resnets_kwargs(weights: Any) -> dict[str, Any] | None:
+    """The model_kwargs a resnets checkpoint's weights file holds in its safetensors header; None for any other
+    file (a bare state dict)."""
+    path = os.fspath(weights)
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.safetensors")
+    if not (path.endswith(".safetensors") and os.path.isfile(path)):
+        return None
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # unreadable: the load that follows says what is wrong with it
+        return None
+    try:
+        kwargs = json.loads(meta["model_kwargs"])
+    except (KeyError, ValueError):
+        return None
+    return kwargs if isinstance(kwargs, dict) else None
+
+
+def _layout_of_file(name: str, weights: Any, overrides: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """``overrides`` with the bottleneck layout of a weights file given by path: a resnets checkpoint's own
+    (a stride_in given that differs is refused); for a bare state dict it must have been given, and the flag
+    says it was not (refused once the file was read: an unsafe or missing file is the first thing to say)."""
+    if not bottleneck_layout_unsaid(name, {k: v for k, v in overrides.items() if k != "stride_in"}):
+        return overrides, False
+    kwargs = _resnets_kwargs(weights)
+    if kwargs is None:
+        return overrides, "stride_in" not in overrides
+    theirs = kwargs.get("stride_in", "1x1")
+    if overrides.get("stride_in", theirs) != theirs:
+        raise ValueError(f"{os.fspath(weights)} holds {name} with stride_in={theirs!r} (its checkpoint says so); "
+                         f"drop stride_in={overrides['stride_in']!r}")
+    return ({**overrides, "stride_in": theirs} if theirs != "1x1" else overrides), False
 
 
 def create_model(name: str, weights: str | os.PathLike | None = None, *, weights_url: str | None = None,
@@ -264,6 +326,7 @@ def create_model(name: str, weights: str | os.PathLike | None = None, *, weights
     unknown = set(overrides) - _ALLOWED
     if unknown:
         raise ValueError(f"unknown argument(s) for {name}: {sorted(unknown)}; allowed: {sorted(_ALLOWED)}")
+    unsaid = False
     if (isinstance(weights, str) and weights.split(":", 1)[0] == "torchvision") or torchvision_file_tag(name, weights):
         if name not in TORCHVISION_WEIGHTS:
             torchvision_weights_url(name)  # raises the ValueError listing what torchvision has
@@ -276,6 +339,8 @@ def create_model(name: str, weights: str | os.PathLike | None = None, *, weights
                              "(to fine-tune on other classes, replace model.fc after loading)")
         if wanted["stride_in"] == "3x3":
             overrides = {**overrides, "stride_in": "3x3"}
+    elif isinstance(weights, (str, os.PathLike)) and not pretrained.is_pretrained_tag(weights):
+        overrides, unsaid = _layout_of_file(name, weights, overrides)
     kwargs = {**spec.defaults, **overrides}
     _check_options(spec.family, kwargs)
     try:
@@ -290,5 +355,5 @@ def create_model(name: str, weights: str | os.PathLike | None = None, *, weights
         if clash:
             raise ValueError(f"the shipped {weights!r} weights of {name} are for {name}{wanted or ''}; drop {clash}")
     if weights is not None:
-        _load_weights(model, name, weights, weights_url, progress)
+        _load_weights(model, name, weights, weights_url, progress, unsaid)
     return model

@@ -253,13 +253,17 @@ def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True) -> Chec
 def model_from_checkpoint(ckpt: Checkpoint | str | os.PathLike, name: str | None = None, **overrides: Any) -> nn.Module:
     """Build the checkpoint's model and load its weights (strictly)."""
     from ..models import create_model
+    from ..models.registry import bottleneck_layout_unsaid, refuse_unsaid_layout
 
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt, with_state=False)
     model_name = name or ckpt.model_name
     if model_name is None:
         raise CheckpointError(f"{ckpt.path}: the checkpoint does not say which model it holds; pass the model name")
-    model = create_model(model_name, **{**ckpt.model_kwargs, **overrides})
+    kwargs = {**ckpt.model_kwargs, **overrides}
+    if ckpt.model_name is None and bottleneck_layout_unsaid(model_name, kwargs):   # a bare state dict
+        refuse_unsaid_layout(model_name, ckpt.path)
+    model = create_model(model_name, **kwargs)
     try:
         model.load_state_dict(ckpt.weights)
     except RuntimeError as e:

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..data import Normalizer
 from ..models import create_model
-from ..models.registry import torchvision_file_tag, torchvision_weights_entry
+from ..models.registry import (bottleneck_layout_unsaid, refuse_unsaid_layout, torchvision_file_tag,
+                               torchvision_weights_entry)
 from ..models import pretrained as shipped
 from . import checkpoint as ck
 
@@ -68,6 +69,8 @@ def load_initial(name: str, weights: str, model_kwargs: dict) -> Initial:
     from ..models.convert import load_state_dict_file   # a bare state dict (e.g. torchvision's .pth format)
     sd = load_state_dict_file(path)
     head = sd.get("fc.weight")
+    if bottleneck_layout_unsaid(name, kwargs):
+        refuse_unsaid_layout(name, path)
     model = create_model(name, **kwargs, **({"num_classes": head.shape[0]} if head is not None else {}))
     try:
         model.load_state_dict(sd)
