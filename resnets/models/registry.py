@@ -262,8 +262,7 @@ def bottleneck_layout_unsaid(name: str, overrides: Mapping[str, Any]) -> bool:
             and isinstance(depth, int) and depth >= 50)
 
 
-def refuse_unsaid_layout(name: str, source: Any, option: str = "stride_in='3x3' or '1x1' (command line: "
-                         "--stride-in)") -> None:
+def refuse_unsaid_layout(name: str, source: Any) -> None:
     """A bare state dict (no resnets metadata) cannot tell ResNet v1 from v1.5: the tensors have the same shapes,
     and loaded into the other layout the net runs but computes something else (torchvision's ResNet-50 weights in
     the paper's layout lose accuracy with no error). So the layout must be said, unless the file is torchvision's
@@ -271,7 +270,8 @@ def refuse_unsaid_layout(name: str, source: Any, option: str = "stride_in='3x3' 
     raise ValueError(f"{os.fspath(source)}: a bare state dict for {name}, whose bottleneck blocks come in two "
                      "layouts with the same tensors: ResNet v1 (the stride on each block's first 1x1 convolution, "
                      "the paper's) and v1.5 (on the 3x3: torchvision's and timm's weights). The file cannot say "
-                     f"which, and in the wrong one the net would run but compute something else. Give {option}.")
+                     "which, and in the wrong one the net would run but compute something else. Give stride_in='3x3' or "
+                     "'1x1' (command line: --stride-in).")
 
 
 def _resnets_kwargs(weights: Any) -> dict[str, Any] | None:
