@@ -45,7 +45,7 @@ def test_shipped_weights_reproduce_their_errors_on_the_first_1000_test_images(mo
 
 
 def test_cifar10_names_the_best_measured_weights():
-    for model in ("resnet20", "plain20", "resnet32", "resnet44", "resnet56", "resnet110"):
+    for model in ("resnet20", "plain20", "resnet32", "resnet44", "resnet56", "resnet110", "plain56"):
         best = min((p for p in pretrained.PRETRAINED.values() if p.model == model), key=lambda p: p.test_error)
         assert pretrained.resolve(model, "cifar10") == best
     assert pretrained.resolve("resnet20", "cifar10").tag == "cifar10-fast"

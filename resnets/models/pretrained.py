@@ -42,6 +42,7 @@ _FAST = "cifar-fast (not the paper), 50 epochs, 53 min on a 2-core CPU, 2026-11-
 _FAST32 = "cifar-fast (not the paper), 50 epochs, 95 min on a 2-core CPU, 2026-11-27"
 _FAST44 = "cifar-fast (not the paper), 50 epochs, 124 min on a 2-core CPU, 2026-11-27"
 _FAST56 = "cifar-fast (not the paper), 50 epochs, 291 min on a 2-core CPU (two launches), 2026-11-27"
+_FASTP56 = "cifar-fast (not the paper), 50 epochs, 146 min on a 2-core CPU, 2026-11-28"
 _FAST110 = "cifar-fast (not the paper), 50 epochs, 310 min on a 2-core CPU (three launches), 2026-11-27/28"
 
 # Measured runs only (docs/models.md). test_error: fp32 on a CPU, all 10,000 test images.
@@ -61,11 +62,14 @@ PRETRAINED: dict[tuple[str, str], Pretrained] = {
                    "46d690ba5f9f4a9d8f96f46aa42a27910169f7cef4b9cd3f0c8ac45036ca643c", 7.27, 77, _FAST56),
         Pretrained("resnet110", "cifar10-fast", "resnet110-cifar10-fast.safetensors",
                    "d97173bb00fc3b4c9c63ac646f9111b4f48ad0bb369f6f6f93f5768cc0e43a9b", 6.78, 59, _FAST110),
+        Pretrained("plain56", "cifar10-fast", "plain56-cifar10-fast.safetensors",
+                   "a3fa7a54fe4c5e59f1ac362252118930ec19fe8c886e6e45cdf027997ca6817f", 16.73, 166, _FASTP56),
     ]}
 # "cifar10": the net's best measured weights
 ALIASES: dict[tuple[str, str], str] = {("resnet20", "cifar10"): "cifar10-fast", ("plain20", "cifar10"): "cifar10-paper",
                                        ("resnet32", "cifar10"): "cifar10-fast", ("resnet44", "cifar10"): "cifar10-fast",
-                                       ("resnet56", "cifar10"): "cifar10-fast", ("resnet110", "cifar10"): "cifar10-fast"}
+                                       ("resnet56", "cifar10"): "cifar10-fast", ("resnet110", "cifar10"): "cifar10-fast",
+                                       ("plain56", "cifar10"): "cifar10-fast"}
 
 
 def available(model: str | None = None) -> list[str]:
