@@ -3,7 +3,6 @@ published ImageNet weights by name (``weights="torchvision"``)."""
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -277,20 +276,14 @@ def refuse_unsaid_layout(name: str, source: Any) -> None:
 def _resnets_kwargs(weights: Any) -> dict[str, Any] | None:
     """The model_kwargs a resnets checkpoint's weights file holds in its safetensors header; None for any other
     file (a bare state dict)."""
+    from ..train.checkpoint import CheckpointError, checkpoint_meta
+
     path = os.fspath(weights)
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.safetensors")
-    if not (path.endswith(".safetensors") and os.path.isfile(path)):
-        return None
-    from safetensors import safe_open
-    try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-    except Exception:  # unreadable: the load that follows says what is wrong with it
+    if not (os.path.isdir(path) or path.endswith(".safetensors")):
         return None
     try:
-        kwargs = json.loads(meta["model_kwargs"])
-    except (KeyError, ValueError):
+        kwargs = checkpoint_meta(path).get("model_kwargs")
+    except CheckpointError:  # unreadable: the load that follows says what is wrong with it
         return None
     return kwargs if isinstance(kwargs, dict) else None
 
